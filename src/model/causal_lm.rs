@@ -1,0 +1,178 @@
+//! One handle over the architectures: hidden states, logits, and log-probabilities of chosen label tokens.
+
+use candle_core::{DType, Tensor, Var};
+
+use super::config::ModelConfig;
+use super::error::{ModelError, Result};
+use super::gpt2::Gpt2;
+use super::gpt_neox::GptNeox;
+use super::input::Input;
+use super::layers::log_softmax;
+use super::llama::Llama;
+use super::weights::Weights;
+
+/// Rows of the output projection computed at once: bounds the `[rows, vocab]` logits held per chunk.
+const LOGPROB_CHUNK_ROWS: usize = 1024;
+
+#[derive(Debug, Clone)]
+enum Arch {
+    Llama(Llama),
+    Gpt2(Gpt2),
+    GptNeox(GptNeox),
+}
+
+/// A causal language model with weights under Hugging Face names.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    config: ModelConfig,
+    weights: Weights,
+    arch: Arch,
+}
+
+/// Positions whose next-token log-probability is wanted: flat index `b * T + t` into the input and the label id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels {
+    pub flat_positions: Vec<u32>,
+    pub ids: Vec<u32>,
+}
+
+impl Labels {
+    /// From a `[B][T]` table where negative entries mean "no label".
+    pub fn from_table(table: &[Vec<i64>]) -> Self {
+        let mut out = Self::default();
+        let t = table.first().map_or(0, Vec::len);
+        for (b, row) in table.iter().enumerate() {
+            for (i, &l) in row.iter().enumerate() {
+                if l >= 0 {
+                    out.flat_positions.push((b * t + i) as u32);
+                    out.ids.push(l as u32);
+                }
+            }
+        }
+        out
+    }
+
+    /// Number of labelled positions.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether no position is labelled.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+impl CausalLm {
+    /// Builds the architecture named by `config` from `weights`.
+    pub fn new(config: ModelConfig, weights: Weights) -> Result<Self> {
+        let arch = match &config {
+            ModelConfig::Llama(c) => Arch::Llama(Llama::new(c, &weights)?),
+            ModelConfig::Gpt2(c) => Arch::Gpt2(Gpt2::new(c, &weights)?),
+            ModelConfig::GptNeox(c) => Arch::GptNeox(GptNeox::new(c, &weights)?),
+        };
+        Ok(Self {
+            config,
+            weights,
+            arch,
+        })
+    }
+
+    /// The parsed config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The weights the model was built from (the trainable parameters, under HF names).
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// The floating-point dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.lm_head().dtype()
+    }
+
+    /// A copy of the model whose floating-point weights are trainable variables, and those variables by name.
+    pub fn trainable(&self) -> Result<(Self, Vec<(String, Var)>)> {
+        let (weights, vars) = self.weights.to_vars()?;
+        Ok((Self::new(self.config.clone(), weights)?, vars))
+    }
+
+    /// Final hidden states `[B, T, hidden]`.
+    pub fn hidden(&self, input: &Input) -> Result<Tensor> {
+        match &self.arch {
+            Arch::Llama(m) => m.hidden(input),
+            Arch::Gpt2(m) => m.hidden(input),
+            Arch::GptNeox(m) => m.hidden(input),
+        }
+    }
+
+    /// The output projection `[vocab, hidden]`.
+    pub fn lm_head(&self) -> &Tensor {
+        match &self.arch {
+            Arch::Llama(m) => m.lm_head(),
+            Arch::Gpt2(m) => m.lm_head(),
+            Arch::GptNeox(m) => m.lm_head(),
+        }
+    }
+
+    /// Logits `[B, T, vocab]`.
+    pub fn logits(&self, input: &Input) -> Result<Tensor> {
+        let h = self.hidden(input)?;
+        Ok(h.broadcast_matmul(&self.lm_head().t()?)?)
+    }
+
+    /// Log-probabilities (f32, `[N]`) of `labels.ids` at `labels.flat_positions`; logits are formed only at the
+    /// labelled positions, a chunk of rows at a time.
+    pub fn label_logprobs(&self, input: &Input, labels: &Labels) -> Result<Tensor> {
+        let h = self.hidden(input)?;
+        self.label_logprobs_from_hidden(&h, labels)
+    }
+
+    /// As [`CausalLm::label_logprobs`], from hidden states already computed.
+    pub fn label_logprobs_from_hidden(&self, hidden: &Tensor, labels: &Labels) -> Result<Tensor> {
+        let (b, t, hdim) = hidden.dims3()?;
+        let vocab = self.config.vocab_size() as u32;
+        if let Some(&bad) = labels.ids.iter().find(|&&l| l >= vocab) {
+            return Err(ModelError::Input(format!(
+                "label id {bad} is outside the vocabulary ({vocab})"
+            )));
+        }
+        if let Some(&bad) = labels.flat_positions.iter().find(|&&p| p as usize >= b * t) {
+            return Err(ModelError::Input(format!(
+                "label position {bad} is outside the batch ({b}×{t})"
+            )));
+        }
+        let device = hidden.device();
+        if labels.is_empty() {
+            return Ok(Tensor::zeros(0, DType::F32, device)?);
+        }
+        let flat = hidden.reshape((b * t, hdim))?;
+        let head_t = self.lm_head().t()?;
+        let mut parts = Vec::new();
+        for start in (0..labels.len()).step_by(LOGPROB_CHUNK_ROWS) {
+            let end = (start + LOGPROB_CHUNK_ROWS).min(labels.len());
+            let idx = Tensor::new(&labels.flat_positions[start..end], device)?;
+            let ids = Tensor::new(&labels.ids[start..end], device)?.unsqueeze(1)?;
+            let rows = flat.index_select(&idx, 0)?;
+            let lp = log_softmax(&rows.matmul(&head_t)?)?;
+            parts.push(lp.gather(&ids, 1)?.squeeze(1)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Log-probabilities `[B, T]` for a label table (negative = none, giving 0 there).
+    pub fn label_logprob_table(&self, input: &Input, table: &[Vec<i64>]) -> Result<Tensor> {
+        let (b, t) = input.dims();
+        if table.len() != b || table.iter().any(|r| r.len() != t) {
+            return Err(ModelError::Input(format!("label table must be {b}×{t}")));
+        }
+        let labels = Labels::from_table(table);
+        let lp = self.label_logprobs(input, &labels)?;
+        let device = lp.device();
+        let idx = Tensor::new(labels.flat_positions.as_slice(), device)?;
+        let zeros = Tensor::zeros(b * t, DType::F32, device)?;
+        Ok(zeros.index_add(&idx, &lp, 0)?.reshape((b, t))?)
+    }
+}

@@ -1,0 +1,105 @@
+//! `GPT2LMHeadModel` (gpt2-medium is the paper's perplexity judge): learned positions, Conv1D layers, tied head.
+
+use candle_core::Tensor;
+
+use super::config::Gpt2Config;
+use super::error::Result;
+use super::input::Input;
+use super::layers::{
+    activate, attention, attention_bias, merge_heads, split_heads, Conv1D, LayerNorm,
+};
+use super::weights::Weights;
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    attn_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+}
+
+/// A GPT-2 decoder with its (tied) output layer.
+#[derive(Debug, Clone)]
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+impl Gpt2 {
+    /// Builds the model from weights under transformers' names (`transformer.` prefix).
+    pub fn new(cfg: &Gpt2Config, w: &Weights) -> Result<Self> {
+        let e = cfg.n_embd;
+        let ln = |p: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: w.get(&format!("{p}.weight"), &[e])?,
+                bias: w.get(&format!("{p}.bias"), &[e])?,
+                eps: cfg.layer_norm_epsilon,
+            })
+        };
+        let conv = |p: &str, inp: usize, out: usize| -> Result<Conv1D> {
+            Ok(Conv1D {
+                weight: w.get(&format!("{p}.weight"), &[inp, out])?,
+                bias: w.get(&format!("{p}.bias"), &[out])?,
+            })
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("transformer.h.{i}");
+            blocks.push(Block {
+                ln_1: ln(&format!("{p}.ln_1"))?,
+                c_attn: conv(&format!("{p}.attn.c_attn"), e, 3 * e)?,
+                attn_proj: conv(&format!("{p}.attn.c_proj"), e, e)?,
+                ln_2: ln(&format!("{p}.ln_2"))?,
+                c_fc: conv(&format!("{p}.mlp.c_fc"), e, cfg.n_inner)?,
+                mlp_proj: conv(&format!("{p}.mlp.c_proj"), cfg.n_inner, e)?,
+            });
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte: w.get("transformer.wte.weight", &[cfg.vocab_size, e])?,
+            wpe: w.get("transformer.wpe.weight", &[cfg.n_positions, e])?,
+            blocks,
+            ln_f: ln("transformer.ln_f")?,
+        })
+    }
+
+    /// Final hidden states `[B, T, n_embd]` after `ln_f`.
+    pub fn hidden(&self, input: &Input) -> Result<Tensor> {
+        let (b, t) = input.dims();
+        let c = &self.cfg;
+        let tok = self.wte.index_select(&input.ids.flatten_all()?, 0)?;
+        let pos = self.wpe.index_select(&input.positions.flatten_all()?, 0)?;
+        let mut x = (tok + pos)?.reshape((b, t, c.n_embd))?;
+        let bias = attention_bias(&input.mask)?;
+        let hd = c.n_embd / c.n_head;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let mut scale = if c.scale_attn_weights {
+                1.0 / (hd as f64).sqrt()
+            } else {
+                1.0
+            };
+            if c.scale_attn_by_inverse_layer_idx {
+                scale /= (i + 1) as f64;
+            }
+            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x)?)?;
+            let q = split_heads(&qkv.narrow(2, 0, c.n_embd)?, c.n_head, hd)?;
+            let k = split_heads(&qkv.narrow(2, c.n_embd, c.n_embd)?, c.n_head, hd)?;
+            let v = split_heads(&qkv.narrow(2, 2 * c.n_embd, c.n_embd)?, c.n_head, hd)?;
+            let a = merge_heads(&attention(&q, &k, &v, &bias, scale)?)?;
+            x = (x + blk.attn_proj.forward(&a)?)?;
+            let m = activate(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?, c.activation)?;
+            x = (x + blk.mlp_proj.forward(&m)?)?;
+        }
+        self.ln_f.forward(&x)
+    }
+
+    /// The output projection `[vocab, n_embd]` (the token embedding).
+    pub fn lm_head(&self) -> &Tensor {
+        &self.wte
+    }
+}

@@ -1,0 +1,274 @@
+//! Differentiable building blocks shared by the architectures.
+//!
+//! Every op here has a backward in candle 0.11: the fused inference kernels (`softmax_last_dim`, `rms_norm`,
+//! `layer_norm`, `rope*`) drop gradients silently, so norms, softmax and rotary embeddings are composed from
+//! elementary ops. Normalisation and softmax of half-precision models run in f32, as transformers does.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::{Activation, RopeConfig, RopeScaling};
+use super::error::{ModelError, Result};
+
+/// The dtype that norms, softmax and scores are computed in: f32 for half types, else the input's own.
+fn upcast(x: &Tensor) -> Result<Tensor> {
+    Ok(match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    })
+}
+
+/// Large finite negative added to masked attention scores: −inf would turn a fully masked row into NaN.
+pub const MASK_NEG: f32 = -1.0e9;
+
+/// A dense layer with transformers' `nn.Linear` weight layout `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `x @ Wᵀ + b` over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// GPT-2's `Conv1D`: weight layout `[in, out]`.
+#[derive(Debug, Clone)]
+pub struct Conv1D {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Conv1D {
+    /// `x @ W + b` over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.broadcast_matmul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+/// LLaMA's RMSNorm: `w · x / sqrt(mean(x²) + eps)`, computed in f32.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = upcast(x)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// LayerNorm with weight and bias, computed in f32.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = upcast(x)?;
+        let mean = xf.mean_keepdim(D::Minus1)?;
+        let centered = xf.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+/// Applies an activation function.
+pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Silu => x.silu()?,
+        Activation::Gelu => x.gelu_erf()?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Relu => x.relu()?,
+    })
+}
+
+/// `log_softmax` over the last dimension (in f32 for half types). The max shift is detached: it cancels in the result and its
+/// backward would only cost time.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let x = upcast(x)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Softmax over the last dimension, differentiable.
+fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// Inverse rotary frequencies `[rotary_dim / 2]`, with transformers' rope scaling rules.
+pub fn rope_inv_freq(cfg: &RopeConfig) -> Vec<f64> {
+    let half = cfg.rotary_dim / 2;
+    let base: Vec<f64> = (0..half)
+        .map(|i| 1.0 / cfg.theta.powf((2 * i) as f64 / cfg.rotary_dim as f64))
+        .collect();
+    match cfg.scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old_len,
+        } => {
+            let low_freq_wavelen = old_len / low_freq_factor;
+            let high_freq_wavelen = old_len / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_freq_wavelen {
+                        f
+                    } else if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old_len / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Rotary tables for explicit position ids: `cos`, `sin` of shape `[B, 1, T, rotary_dim]` (each half repeated,
+/// the rotate-half layout of LLaMA / GPT-NeoX in transformers).
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+    rotary_dim: usize,
+}
+
+impl Rotary {
+    /// Builds the tables for `positions` (`[B, T]`, u32) in `dtype`.
+    pub fn new(inv_freq: &[f64], positions: &Tensor, dtype: DType) -> Result<Self> {
+        let device = positions.device();
+        let (b, t) = positions.dims2()?;
+        let half = inv_freq.len();
+        // Angles in f32 as transformers computes them (positions · inv_freq in float32).
+        let inv: Vec<f32> = inv_freq.iter().map(|&f| f as f32).collect();
+        let inv = Tensor::from_vec(inv, (1, 1, half), device)?;
+        let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        let cos = emb.cos()?.to_dtype(dtype)?.unsqueeze(1)?;
+        let sin = emb.sin()?.to_dtype(dtype)?.unsqueeze(1)?;
+        Ok(Self {
+            cos,
+            sin,
+            rotary_dim: 2 * half,
+        })
+    }
+
+    /// Rotates the first `rotary_dim` dims of `x` (`[B, H, T, head_dim]`); the rest pass through.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let head_dim = x.dim(D::Minus1)?;
+        let r = self.rotary_dim;
+        if r == 0 {
+            return Ok(x.clone());
+        }
+        let (rot, pass) = if r < head_dim {
+            (
+                x.narrow(D::Minus1, 0, r)?,
+                Some(x.narrow(D::Minus1, r, head_dim - r)?),
+            )
+        } else {
+            (x.clone(), None)
+        };
+        let x1 = rot.narrow(D::Minus1, 0, r / 2)?;
+        let x2 = rot.narrow(D::Minus1, r / 2, r / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        let out = (rot.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?;
+        Ok(match pass {
+            Some(p) => Tensor::cat(&[&out, &p], D::Minus1)?,
+            None => out,
+        })
+    }
+}
+
+/// Additive attention bias `[B, 1, T, T]` in f32 from a boolean mask `[B, T, T]` (u8, 1 = may attend).
+pub fn attention_bias(mask: &Tensor) -> Result<Tensor> {
+    let zeros = Tensor::zeros(mask.shape(), DType::F32, mask.device())?;
+    let neg = Tensor::full(MASK_NEG, mask.shape(), mask.device())?;
+    Ok(mask.where_cond(&zeros, &neg)?.unsqueeze(1)?)
+}
+
+/// Scaled dot-product attention with an additive f32 bias. `q`: `[B, H, T, D]`, `k`, `v`: `[B, Hkv, T, D]`;
+/// grouped-query heads are expanded. Scores and softmax run in f32 for half types.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let hkv = k.dim(1)?;
+    if h % hkv != 0 {
+        return Err(ModelError::Input(format!(
+            "attention: {h} query heads are not a multiple of {hkv} key/value heads"
+        )));
+    }
+    let (k, v) = if hkv != h {
+        let rep = h / hkv;
+        let expand = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.unsqueeze(2)?
+                .broadcast_as((b, hkv, rep, t, d))?
+                .reshape((b, h, t, d))?)
+        };
+        (expand(k)?, expand(v)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    let dtype = q.dtype();
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = upcast(&scores)?;
+    let scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
+    let probs = softmax(&scores)?.to_dtype(dtype)?;
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// `[B, T, H·D]` → `[B, H, T, D]`.
+pub fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    Ok(x.reshape((b, t, heads, head_dim))?.transpose(1, 2)?)
+}
+
+/// `[B, H, T, D]` → `[B, T, H·D]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?)
+}
+
+/// Positions `[B, T]` as u32 on `device` from rows of ids (helper for tests and simple callers).
+pub fn u32_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+    let b = rows.len();
+    let t = rows.first().map_or(0, |r| r.len());
+    if rows.iter().any(|r| r.len() != t) {
+        return Err(ModelError::Input("rows of unequal length".into()));
+    }
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (b, t), device)?)
+}
