@@ -3,6 +3,7 @@
 //! The crate follows the pipeline: `data` → `sample` → `score` → `train` → `eval`, over a `model` layer.
 
 pub mod bench;
+pub mod data;
 pub mod device;
 pub mod model;
 pub mod rng;

@@ -96,13 +96,13 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         ));
     }
 
+    let rope_scaling = rope_scaling(path, &meta, &content, &mut reader, &hp)?;
+
     let mut tensors = HashMap::with_capacity(plan.entries.len());
     for entry in &plan.entries {
         let t = read_tensor(path, &content, &mut reader, entry, device)?;
         tensors.insert(entry.hf_name.clone(), t);
     }
-
-    let rope_scaling = rope_scaling(path, &meta, &content, &mut reader, &hp)?;
 
     let tie = !plan.has_output;
     let config = json!({
@@ -952,13 +952,17 @@ fn byte_level_spelling() -> Vec<char> {
     out
 }
 
-fn pre_tokenizer(m: &Meta, pre: &str) -> Result<PreTokenizerWrapper> {
+/// The pre-tokeniser `tokenizer.ggml.pre` names. `add_prefix_space` (`tokenizer.ggml.add_space_prefix`)
+/// applies to the GPT-2-regex ones, as transformers' `GPT2Converter` applies it; the Llama-3 split
+/// never adds one (transformers' `_split_before_byte_level`).
+fn pre_tokenizer(m: &Meta, pre: &str, add_prefix_space: bool) -> Result<PreTokenizerWrapper> {
     let key = "tokenizer.ggml.pre";
     Ok(match pre {
-        "default" | "gpt-2" => ByteLevel::new(false, true, true).into(),
+        "default" | "gpt-2" => ByteLevel::new(add_prefix_space, true, true).into(),
+        // SmolLM's tokenizer.json: every digit alone, then GPT-2's split.
         "smollm" => PreSequence::new(vec![
             Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
+            ByteLevel::new(add_prefix_space, true, true).into(),
         ])
         .into(),
         "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" => {
@@ -1057,7 +1061,10 @@ fn build_tokenizer(m: &Meta) -> Result<TokInfo> {
         })?;
 
     let pre_name = m.str_opt("tokenizer.ggml.pre")?.unwrap_or("default");
-    let pre = pre_tokenizer(m, pre_name)?;
+    let add_prefix_space = m
+        .bool_opt("tokenizer.ggml.add_space_prefix")?
+        .unwrap_or(false);
+    let pre = pre_tokenizer(m, pre_name, add_prefix_space)?;
 
     let id_of = |key: &str| -> Result<Option<u32>> {
         match m.u32_opt(key)? {
@@ -1910,7 +1917,7 @@ mod tests {
         assert!(msg.contains(&path_str(&bad)), "{msg}");
         // Garbage behind a valid magic.
         let mut g = b"GGUF\x03\x00\x00\x00".to_vec();
-        g.extend(std::iter::repeat(0xAB).take(500));
+        g.extend(std::iter::repeat_n(0xAB, 500));
         std::fs::write(&bad.0, &g).unwrap();
         let msg = gguf_msg(load_gguf(&bad.0, &Device::Cpu));
         assert!(msg.contains(&path_str(&bad)), "{msg}");
@@ -2024,21 +2031,134 @@ mod tests {
             .unwrap()
             .contains("<|im_start|>"));
 
-        // Ids from Python: transformers 4.57.6 `AutoTokenizer.from_pretrained(dir, gguf_file=...)`
-        // on this same file.
-        let enc = m.tokenizer.encode("Hello world 123", true).unwrap();
-        assert_eq!(enc.get_ids(), EXPECTED_HELLO_IDS);
-        assert_eq!(
-            m.tokenizer.decode(enc.get_ids(), false).unwrap(),
-            "Hello world 123"
-        );
-        let chat = m
-            .tokenizer
-            .encode("<|im_start|>user\nHi<|im_end|>", true)
-            .unwrap();
-        assert_eq!(chat.get_ids()[0], 1);
-        assert_eq!(*chat.get_ids().last().unwrap(), 2);
-    }
+        // Values observed in Python from transformers 4.57.6's own GGUF loader
+        // (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`, which dequantises with the `gguf`
+        // package and un-permutes q/k): row 1, columns 0..4, and the sum of |w| over the tensor.
+        // A one-off comparison of all 272 tensors against that state dict found them bit-identical.
+        let refs: [(&str, [f64; 4], f64); 5] = [
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                [-0.1591796875, 0.39794921875, -0.0198974609375, -1.2734375],
+                63395.39872741699,
+            ),
+            (
+                "model.layers.0.self_attn.k_proj.weight",
+                [
+                    0.203369140625,
+                    0.09136962890625,
+                    0.203369140625,
+                    -0.13262939453125,
+                ],
+                29794.78126525879,
+            ),
+            (
+                "model.layers.29.mlp.down_proj.weight",
+                [
+                    -0.33282470703125,
+                    -0.09429931640625,
+                    0.14422607421875,
+                    0.14422607421875,
+                ],
+                126250.91435241699,
+            ),
+            (
+                "model.embed_tokens.weight",
+                [
+                    -0.0238037109375,
+                    -0.015869140625,
+                    -0.0396728515625,
+                    0.015869140625,
+                ],
+                2802153.619805813,
+            ),
+            (
+                "model.norm.weight",
+                [1.8203125, 1.78125, 1.6015625, f64::NAN],
+                1045.09765625,
+            ),
+        ];
+        for (name, row1, abs_sum) in refs {
+            let t = &m.tensors[name];
+            let got: Vec<f32> = if t.rank() == 2 {
+                t.get(1)
+                    .unwrap()
+                    .narrow(0, 0, 4)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            } else {
+                t.narrow(0, 1, 3).unwrap().to_vec1().unwrap()
+            };
+            for (g, w) in got.iter().zip(row1.iter().filter(|w| !w.is_nan())) {
+                assert_eq!(*g as f64, *w, "{name}");
+            }
+            let s = t
+                .to_dtype(DType::F64)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(
+                (s - abs_sum).abs() < 1e-6 * abs_sum,
+                "{name}: sum |w| = {s}, expected {abs_sum}"
+            );
+        }
 
-    const EXPECTED_HELLO_IDS: &[u32] = &[];
+        // Ids observed in Python: transformers 4.57.6 (tokenizers 0.22.2, gguf 0.19.0),
+        // `AutoTokenizer.from_pretrained(dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")(text)["input_ids"]`
+        // on this same file, less the leading 1 it puts first: that transformers ignores the file's
+        // `tokenizer.ggml.add_bos_token = false` (its `LlamaTokenizerFast` defaults to adding BOS).
+        let cases: [(&str, &[u32]); 7] = [
+            ("Hello world 123", &[19556, 905, 216, 33, 34, 35]),
+            ("<|im_start|>user\nHi<|im_end|>", &[1, 4093, 198, 26843, 2]),
+            (
+                "  leading spaces and\ttabs\n\nnewlines",
+                &[216, 2899, 5600, 284, 197, 100, 7366, 198, 198, 2241, 5110],
+            ),
+            (
+                "Ünïcödé ✓ 日本語 🚀",
+                &[
+                    142, 246, 94, 25972, 83, 7466, 84, 2756, 4636, 246, 237, 17097, 241, 115,
+                    40993, 179, 120, 248, 15107, 244, 218,
+                ],
+            ),
+            (
+                "def f(x):\n    return x**2 + 3.14159",
+                &[
+                    1604, 275, 24, 104, 727, 472, 1003, 1792, 828, 34, 1232, 216, 35, 30, 33, 36,
+                    33, 37, 41,
+                ],
+            ),
+            (
+                "I'm can't we'll THEY'RE",
+                &[57, 5248, 416, 982, 392, 3060, 6462, 73, 23, 3256],
+            ),
+            (
+                "12345678 9,000.5 1e-5",
+                &[
+                    33, 34, 35, 36, 37, 38, 39, 40, 216, 41, 28, 32, 32, 32, 30, 37, 216, 33, 85,
+                    29, 37,
+                ],
+            ),
+        ];
+        for (text, want) in cases {
+            let enc = m.tokenizer.encode(text, true).unwrap();
+            assert_eq!(enc.get_ids(), want, "{text:?}");
+            assert_eq!(m.tokenizer.decode(enc.get_ids(), false).unwrap(), text);
+        }
+        assert_eq!(
+            m.tokenizer.decode(&[1, 4093, 198, 26843, 2], true).unwrap(),
+            "user\nHi"
+        );
+        assert_eq!(m.tokenizer_config["add_bos_token"], json!(false));
+        assert_eq!(m.tokenizer_config["bos_token"], json!("<|im_start|>"));
+        assert_eq!(m.tokenizer_config["eos_token"], json!("<|im_end|>"));
+        assert_eq!(
+            m.generation_config,
+            json!({"bos_token_id": 1, "eos_token_id": 2})
+        );
+    }
 }

@@ -6,4 +6,5 @@ mod gradients;
 mod packing;
 mod reference;
 mod save;
+mod smollm2;
 mod tokenizer;
