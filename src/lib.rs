@@ -7,3 +7,4 @@ pub mod data;
 pub mod device;
 pub mod model;
 pub mod rng;
+pub mod train;

@@ -1,8 +1,10 @@
 //! Data: the RRHF record, readers of the supported formats, tokenisation and batching.
 
+pub mod batch;
 pub mod error;
 pub mod readers;
 pub mod record;
+pub mod tokenize;
 
 pub use error::DataError;
 pub use record::Record;

@@ -120,7 +120,7 @@ impl CausalLm {
     /// Logits `[B, T, vocab]`.
     pub fn logits(&self, input: &Input) -> Result<Tensor> {
         let h = self.hidden(input)?;
-        Ok(h.broadcast_matmul(&self.lm_head().t()?)?)
+        super::layers::matmul_2d(&h, &self.lm_head().t()?)
     }
 
     /// Log-probabilities (f32, `[N]`) of `labels.ids` at `labels.flat_positions`; logits are formed only at the

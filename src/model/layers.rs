@@ -20,6 +20,18 @@ fn upcast(x: &Tensor) -> Result<Tensor> {
 /// Large finite negative added to masked attention scores: −inf would turn a fully masked row into NaN.
 pub const MASK_NEG: f32 = -1.0e9;
 
+/// `x @ w` for `x` of any rank ≥ 2 and a 2-D `w`, as one 2-D matmul over the flattened leading dims.
+pub fn matmul_2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let inner = dims[dims.len() - 1];
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((lead, inner))?.matmul(w)?;
+    let mut out_dims = dims.to_vec();
+    let last = out_dims.len() - 1;
+    out_dims[last] = w.dim(1)?;
+    Ok(y.reshape(out_dims)?)
+}
+
 /// A dense layer with transformers' `nn.Linear` weight layout `[out, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -30,7 +42,7 @@ pub struct Linear {
 impl Linear {
     /// `x @ Wᵀ + b` over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        let y = matmul_2d(x, &self.weight.t()?)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -48,8 +60,7 @@ pub struct Conv1D {
 impl Conv1D {
     /// `x @ W + b` over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_matmul(&self.weight)?
-            .broadcast_add(&self.bias)?)
+        Ok(matmul_2d(x, &self.weight)?.broadcast_add(&self.bias)?)
     }
 }
 

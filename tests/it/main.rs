@@ -1,8 +1,10 @@
 //! Integration tests (one binary: each file in tests/ would link its own).
 
 mod common;
+mod data;
 mod errors;
 mod gradients;
+mod loss;
 mod packing;
 mod reference;
 mod save;

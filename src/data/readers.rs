@@ -1,1 +1,0 @@
-//! Readers of the supported input formats.

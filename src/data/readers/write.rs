@@ -1,0 +1,85 @@
+//! Writing records as JSONL, atomically.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::data::error::DataError;
+use crate::data::record::Record;
+
+/// Writes records as JSONL atomically (temp file in the same dir + rename); NaN/inf scores are refused with an error
+/// naming the record index.
+///
+/// Records that could not be read back are refused too (zero responses, `len(scores)` or `len(sources)` differing
+/// from `len(responses)`); nothing is written then. The error's line is the line the record would have had.
+pub fn write_records(path: &Path, records: &[Record]) -> Result<(), DataError> {
+    for (i, r) in records.iter().enumerate() {
+        check(path, i, r)?;
+    }
+    let tmp = temp_path(path);
+    let result = write_to(&tmp, records).and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(DataError::io(path, e));
+    }
+    Ok(())
+}
+
+fn check(path: &Path, i: usize, r: &Record) -> Result<(), DataError> {
+    let bad = |field: &str, msg: String| {
+        DataError::invalid(path, Some(i + 1), Some(field), format!("record {i}: {msg}"))
+    };
+    if r.responses.is_empty() {
+        return Err(bad("responses", "zero responses".into()));
+    }
+    if let Some(s) = &r.scores {
+        if s.len() != r.responses.len() {
+            return Err(bad(
+                "scores",
+                format!("{} scores for {} responses", s.len(), r.responses.len()),
+            ));
+        }
+        if let Some((j, x)) = s.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(bad(
+                &format!("scores[{j}]"),
+                format!(
+                    "score {x} is not finite; refusing to write it (JSON has no NaN or infinity)"
+                ),
+            ));
+        }
+    }
+    if let Some(src) = &r.sources {
+        if src.len() != r.responses.len() {
+            return Err(bad(
+                "sources",
+                format!("{} sources for {} responses", src.len(), r.responses.len()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "records".into());
+    let unique = format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    path.with_file_name(unique)
+}
+
+fn write_to(tmp: &Path, records: &[Record]) -> std::io::Result<()> {
+    let mut w = BufWriter::new(File::create(tmp)?);
+    for r in records {
+        serde_json::to_writer(&mut w, r)?;
+        w.write_all(b"\n")?;
+    }
+    let file = w.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()
+}
