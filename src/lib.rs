@@ -5,6 +5,29 @@
 pub mod bench;
 pub mod data;
 pub mod device;
+pub mod eval;
 pub mod model;
 pub mod rng;
 pub mod train;
+
+/// Implements `Serialize` as the `Display` spelling (the CLI value) for option types, so `args.json` holds
+/// exactly what a user would type.
+macro_rules! serialize_as_display {
+    ($($t:ty),* $(,)?) => {
+        $(impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        })*
+    };
+}
+
+serialize_as_display!(
+    device::DeviceSpec,
+    device::DTypeSpec,
+    data::batch::Layout,
+    data::readers::InputFormat,
+    data::readers::PromptTemplate,
+    train::loss::SftReduction,
+    train::schedule::ScheduleKind,
+);

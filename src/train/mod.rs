@@ -1,6 +1,9 @@
 //! Training: the RRHF loss, optimizer, schedule and loop.
 
+pub mod checkpoint;
+pub mod log;
 pub mod loss;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod trainer;

@@ -2,16 +2,21 @@
 //!
 //! Drawing uses `plotters`' bitmap backend into an RGB buffer with an embedded font (Cantarell
 //! Regular, SIL OFL 1.1, `assets/fonts/`) rendered by `ab_glyph`, so no system font or fontconfig
-//! is needed. The buffer is encoded as a PNG here (zlib via `flate2`) and written atomically: a
-//! temporary file in the target's directory, then a rename.
+//! is needed. Text is rasterised here (`Canvas`) rather than by plotters, whose `ab_glyph` text
+//! drawing drops each glyph's left side bearing and so spaces letters unevenly; plotters' font
+//! table (same font) still does the layout estimates. The buffer is encoded as a PNG here (zlib
+//! via `flate2`) and written atomically: a temporary file in the target's directory, then a
+//! rename.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use ab_glyph::{Font, FontRef, ScaleFont};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
 
 use crate::model::error::{ModelError, Result};
 
@@ -67,13 +72,23 @@ const PALETTE: [RGBColor; 8] = [
 /// says "no data", and so does the whole image when no panel has any.
 pub fn plot_curves(path: &Path, title: &str, panels: &[(&str, Vec<Series>)]) -> Result<()> {
     register_font()?;
+    let font = font()?;
     let panels: Vec<(&str, Vec<Series>)> = panels
         .iter()
         .map(|(label, series)| (*label, clean(series)))
         .collect();
-    let rgb = render(title, &panels).map_err(|e| draw_error(path, e))?;
+    let rgb = render(font, title, &panels).map_err(|e| draw_error(path, e))?;
     let png = encode_png(WIDTH, HEIGHT, &rgb);
     write_atomically(path, &png)
+}
+
+/// The embedded font, parsed once.
+fn font() -> Result<&'static FontRef<'static>> {
+    static PARSED: OnceLock<Option<FontRef<'static>>> = OnceLock::new();
+    PARSED
+        .get_or_init(|| FontRef::try_from_slice(FONT).ok())
+        .as_ref()
+        .ok_or_else(|| ModelError::Input("the embedded plot font could not be parsed".into()))
 }
 
 /// Registers the embedded font once per process (plotters keeps a global font table).
@@ -112,10 +127,18 @@ fn draw_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
 type DrawResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// Draws the figure into an RGB buffer of `WIDTH`×`HEIGHT` pixels.
-fn render(title: &str, panels: &[(&str, Vec<Series>)]) -> DrawResult<Vec<u8>> {
+fn render(
+    font: &'static FontRef<'static>,
+    title: &str,
+    panels: &[(&str, Vec<Series>)],
+) -> DrawResult<Vec<u8>> {
     let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     {
-        let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
+        let root = Canvas {
+            inner: BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)),
+            font,
+        }
+        .into_drawing_area();
         root.fill(&WHITE)?;
         let body = root.titled(title, (FAMILY, 30).into_font().color(&BLACK))?;
         if panels.iter().all(|(_, series)| series.is_empty()) {
@@ -134,8 +157,135 @@ fn render(title: &str, panels: &[(&str, Vec<Series>)]) -> DrawResult<Vec<u8>> {
     Ok(buf)
 }
 
+/// plotters' bitmap backend with its own text rasteriser: glyphs placed at their advances (with
+/// kerning and side bearings) on a baseline that centres capitals in plotters' layout box
+/// (height `size / 1.24`, width the sum of advances, as plotters' `ab_glyph` estimates it).
+struct Canvas<'a> {
+    inner: BitMapBackend<'a>,
+    font: &'static FontRef<'static>,
+}
+
+impl Canvas<'_> {
+    /// The pixels of `text` at `size` px as (x, y, coverage), the layout box at (0, 0), with
+    /// the layout box's width and height.
+    fn rasterise(&self, text: &str, size: f32) -> (Vec<(i32, i32, f32)>, i32, i32) {
+        let font = self.font.as_scaled(size);
+        let height = (f64::from(size) / 1.24) as i32;
+        let cap = font
+            .outline_glyph(font.scaled_glyph('H'))
+            .map_or(size * 0.7, |g| -g.px_bounds().min.y);
+        let baseline = (height as f32 + cap) / 2.0;
+        let mut pixels = Vec::new();
+        let mut pen = 0f32;
+        let mut prev = None;
+        for c in text.chars() {
+            let id = font.glyph_id(c);
+            if let Some(p) = prev {
+                pen += font.kern(p, id);
+            }
+            prev = Some(id);
+            let glyph = id.with_scale_and_position(size, ab_glyph::point(pen, baseline));
+            pen += font.h_advance(id);
+            if let Some(outline) = font.outline_glyph(glyph) {
+                let b = outline.px_bounds();
+                outline.draw(|x, y, coverage| {
+                    pixels.push((
+                        b.min.x as i32 + x as i32,
+                        b.min.y as i32 + y as i32,
+                        coverage,
+                    ))
+                });
+            }
+        }
+        (pixels, pen as i32, height)
+    }
+}
+
+impl DrawingBackend for Canvas<'_> {
+    type ErrorType = <BitMapBackend<'static> as DrawingBackend>::ErrorType;
+
+    fn get_size(&self) -> (u32, u32) {
+        self.inner.get_size()
+    }
+    fn ensure_prepared(&mut self) -> std::result::Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.ensure_prepared()
+    }
+    fn present(&mut self) -> std::result::Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.present()
+    }
+    fn draw_pixel(
+        &mut self,
+        point: BackendCoord,
+        color: BackendColor,
+    ) -> std::result::Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_pixel(point, color)
+    }
+    fn draw_line<S: plotters_backend::BackendStyle>(
+        &mut self,
+        from: BackendCoord,
+        to: BackendCoord,
+        style: &S,
+    ) -> std::result::Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_line(from, to, style)
+    }
+    fn draw_rect<S: plotters_backend::BackendStyle>(
+        &mut self,
+        upper_left: BackendCoord,
+        bottom_right: BackendCoord,
+        style: &S,
+        fill: bool,
+    ) -> std::result::Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_rect(upper_left, bottom_right, style, fill)
+    }
+    fn blit_bitmap(
+        &mut self,
+        pos: BackendCoord,
+        size: (u32, u32),
+        src: &[u8],
+    ) -> std::result::Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.blit_bitmap(pos, size, src)
+    }
+
+    fn draw_text<S: BackendTextStyle>(
+        &mut self,
+        text: &str,
+        style: &S,
+        pos: BackendCoord,
+    ) -> std::result::Result<(), DrawingErrorKind<Self::ErrorType>> {
+        let color = style.color();
+        if color.alpha == 0.0 {
+            return Ok(());
+        }
+        let (pixels, width, height) = self.rasterise(text, style.size() as f32);
+        let anchor = style.anchor();
+        let dx = match anchor.h_pos {
+            HPos::Left => 0,
+            HPos::Center => -width / 2,
+            HPos::Right => -width,
+        };
+        let dy = match anchor.v_pos {
+            VPos::Top => 0,
+            VPos::Center => -height / 2,
+            VPos::Bottom => -height,
+        };
+        let transform = style.transform();
+        for (x, y, coverage) in pixels {
+            let (x, y) = transform.transform(x + dx, y + dy);
+            let alpha = color.alpha * f64::from(coverage.min(1.0));
+            if alpha > 0.0 {
+                let ink = BackendColor {
+                    alpha,
+                    rgb: color.rgb,
+                };
+                self.inner.draw_pixel((pos.0 + x, pos.1 + y), ink)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes `text` centred in `area`.
-fn no_data(area: &DrawingArea<BitMapBackend<'_>, Shift>, text: &str) -> DrawResult<()> {
+fn no_data(area: &DrawingArea<Canvas<'_>, Shift>, text: &str) -> DrawResult<()> {
     let (w, h) = area.dim_in_pixel();
     let style = TextStyle::from((FAMILY, 28).into_font())
         .color(&RGBColor(90, 90, 90))
@@ -146,7 +296,7 @@ fn no_data(area: &DrawingArea<BitMapBackend<'_>, Shift>, text: &str) -> DrawResu
 
 /// Draws one panel: the curves of `series` (non-empty, all points finite) against step.
 fn draw_panel(
-    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    area: &DrawingArea<Canvas<'_>, Shift>,
     y_label: &str,
     series: &[Series],
 ) -> DrawResult<()> {

@@ -10,3 +10,4 @@ mod reference;
 mod save;
 mod smollm2;
 mod tokenizer;
+mod train;

@@ -38,10 +38,16 @@ pub(super) fn is_parquet(path: &Path) -> Result<bool, DataError> {
 }
 
 fn unreadable(path: &Path, row: Option<usize>, e: parquet::errors::ParquetError) -> DataError {
-    let msg = match row {
+    let mut msg = match row {
         Some(r) => format!("row {r}: cannot read the Parquet file: {e}"),
         None => format!("not a readable Parquet file: {e}"),
     };
+    if msg.contains("Disabled feature") {
+        msg.push_str(
+            " (this build reads uncompressed, Snappy and gzip Parquet: rewrite the file with one of those, \
+             e.g. pyarrow's compression=\"snappy\")",
+        );
+    }
     DataError::invalid(path, row, None, msg)
 }
 

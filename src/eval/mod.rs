@@ -1,0 +1,3 @@
+//! Evaluation: the trained model as a reward model (`rank`).
+
+pub mod rank;

@@ -1,0 +1,115 @@
+//! `rrhf rank`: the policy as a reward model (paper §3.2, Table 5): p_i of every response, and the accuracy of p
+//! at ordering responses like their rewards (chosen over rejected for pairwise data).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::data::batch::{build_batch, Layout};
+use crate::data::readers::{InputFormat, PromptTemplate};
+use crate::data::tokenize::{TokenizeOptions, TokenizedRecord};
+use crate::device::{DTypeSpec, DeviceSpec};
+use crate::model::save::write_atomic;
+use crate::model::{load_model, ModelError};
+use crate::train::loss::{rrhf_loss, LossConfig};
+use crate::train::trainer::{prepare, TrainError};
+
+/// Flags of `rrhf rank`.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct RankConfig {
+    /// A Hugging Face model directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Scored records (any format `rrhf train` reads).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// JSONL output, one line per input record in input order: {"p", "logp_sum", "n_tokens"}.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    #[arg(long, default_value = "f32")]
+    pub dtype: DTypeSpec,
+    #[arg(long, default_value = "auto")]
+    pub format: InputFormat,
+    #[arg(long, default_value = "none")]
+    pub prompt_template: PromptTemplate,
+    #[arg(long)]
+    pub skip_invalid: bool,
+    #[arg(long, default_value_t = 192)]
+    pub max_len: usize,
+    #[arg(long)]
+    pub max_query_len: Option<usize>,
+    /// Exponent of the response length in p_i.
+    #[arg(long, default_value_t = 1.0)]
+    pub length_penalty: f64,
+    /// Queries per forward.
+    #[arg(long, default_value_t = 8)]
+    pub batch_queries: usize,
+    #[arg(long, default_value = "packed")]
+    pub layout: Layout,
+}
+
+/// Summary of a ranking run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankSummary {
+    pub records: usize,
+    /// Ordered pairs (r_i < r_j) over all records.
+    pub pairs: usize,
+    /// Fraction of those pairs with p_i < p_j.
+    pub accuracy: Option<f64>,
+}
+
+/// Runs `rrhf rank`.
+pub fn rank(cfg: &RankConfig) -> Result<RankSummary, TrainError> {
+    let device = cfg.device.open()?;
+    let opts = TokenizeOptions::new(cfg.max_len, cfg.max_query_len).map_err(TrainError::Config)?;
+    let m = load_model(&cfg.model, &device, cfg.dtype.dtype())?;
+    let data = prepare(
+        &cfg.data,
+        cfg.format,
+        cfg.prompt_template,
+        cfg.skip_invalid,
+        &m,
+        &opts,
+    )?;
+    let loss_cfg = LossConfig {
+        length_penalty: cfg.length_penalty,
+        ..LossConfig::default()
+    };
+    let mut out = Vec::new();
+    let (mut pairs, mut right) = (0usize, 0usize);
+    for chunk in data.records.chunks(cfg.batch_queries.max(1)) {
+        let refs: Vec<&TokenizedRecord> = chunk.iter().collect();
+        let batch = build_batch(&refs, cfg.layout, m.tokenizer.pad_id, &device)?;
+        let lp = m.model.label_logprobs(&batch.input, &batch.labels)?;
+        let scores: Vec<Vec<f64>> = chunk.iter().map(|r| r.scores.clone()).collect();
+        let res = rrhf_loss(
+            &lp,
+            &batch.response_of_label,
+            &batch.n_tokens,
+            &scores,
+            &loss_cfg,
+        )?;
+        for ((q, ns), s) in res.queries.iter().zip(&batch.n_tokens).zip(&scores) {
+            for i in 0..s.len() {
+                for j in 0..s.len() {
+                    if s[i] < s[j] {
+                        pairs += 1;
+                        right += usize::from(q.p[i] < q.p[j]);
+                    }
+                }
+            }
+            let line = json!({"p": q.p, "logp_sum": q.logp, "n_tokens": ns});
+            writeln!(out, "{line}").map_err(|e| ModelError::io(&cfg.output, e))?;
+        }
+    }
+    write_atomic(&cfg.output, &out)?;
+    Ok(RankSummary {
+        records: data.records.len(),
+        pairs,
+        accuracy: (pairs > 0).then(|| right as f64 / pairs as f64),
+    })
+}

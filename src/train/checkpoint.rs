@@ -1,0 +1,150 @@
+//! Checkpoints: `OUTPUT/checkpoint-{step}/` with the model in Hugging Face layout, `optimizer.safetensors` and
+//! `trainer_state.json`. A checkpoint is written into a hidden temporary directory and renamed into place, so a
+//! run killed mid-save leaves the previous checkpoints intact and no half-written one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::model::save::{safetensors_bytes, save_pretrained, write_atomic};
+use crate::model::tokenizer::{SideFiles, TextTokenizer};
+use crate::model::weights::read_safetensors;
+use crate::model::{ModelError, Weights};
+
+/// Where training stands; enough to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Steps of the whole run.
+    pub total_steps: u64,
+    /// Epoch of the next step (0-based).
+    pub epoch: u64,
+    /// Position of the next query within that epoch's shuffled order.
+    pub epoch_offset: u64,
+    /// The run's seed; epoch e shuffles with `Rng::new(epoch_seed(seed, e))`.
+    pub seed: u64,
+    /// Number of training records (a resumed run must see the same data).
+    pub n_records: u64,
+    /// Version of rrhf that wrote it.
+    pub rrhf_version: String,
+}
+
+/// Name of the checkpoint directory of `step`.
+pub fn checkpoint_dir(output: &Path, step: u64) -> PathBuf {
+    output.join(format!("checkpoint-{step}"))
+}
+
+/// Everything a checkpoint holds, borrowed from the trainer.
+pub struct CheckpointParts<'a> {
+    pub weights: &'a Weights,
+    pub tokenizer: &'a TextTokenizer,
+    pub side: &'a SideFiles,
+    pub optimizer: HashMap<String, Tensor>,
+    pub state: &'a TrainerState,
+    pub args_json: &'a serde_json::Value,
+    pub save_dtype: Option<DType>,
+}
+
+/// Writes `checkpoint-{step}` atomically and then keeps at most `keep` checkpoints (oldest removed; 0 = all).
+pub fn save_checkpoint(
+    output: &Path,
+    parts: &CheckpointParts,
+    keep: usize,
+) -> Result<PathBuf, ModelError> {
+    let step = parts.state.step;
+    let final_dir = checkpoint_dir(output, step);
+    let tmp = output.join(format!(".checkpoint-{step}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    }
+    save_pretrained(
+        &tmp,
+        parts.weights,
+        parts.tokenizer,
+        parts.side,
+        parts.save_dtype,
+    )?;
+    write_atomic(
+        &tmp.join("optimizer.safetensors"),
+        &safetensors_bytes(&parts.optimizer, None)?,
+    )?;
+    fault_point(step);
+    let state =
+        serde_json::to_string_pretty(parts.state).map_err(|e| ModelError::Input(e.to_string()))?;
+    write_atomic(&tmp.join("trainer_state.json"), state.as_bytes())?;
+    let args = serde_json::to_string_pretty(parts.args_json)
+        .map_err(|e| ModelError::Input(e.to_string()))?;
+    write_atomic(&tmp.join("args.json"), args.as_bytes())?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| ModelError::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| ModelError::io(&final_dir, e))?;
+    if keep > 0 {
+        let mut all = list_checkpoints(output)?;
+        while all.len() > keep {
+            let (_, dir) = all.remove(0);
+            std::fs::remove_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Test hook: `RRHF_FAULT_ABORT_IN_SAVE=STEP` aborts the process in the middle of writing that step's checkpoint,
+/// as a kill would, so tests can show the previous checkpoint survives.
+fn fault_point(step: u64) {
+    if std::env::var("RRHF_FAULT_ABORT_IN_SAVE")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        == Some(step)
+    {
+        std::process::abort();
+    }
+}
+
+/// The complete checkpoints under `output`, oldest first.
+pub fn list_checkpoints(output: &Path) -> Result<Vec<(u64, PathBuf)>, ModelError> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(output) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(ModelError::io(output, e)),
+    };
+    for entry in rd {
+        let entry = entry.map_err(|e| ModelError::io(output, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            out.push((step, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads `trainer_state.json` and `optimizer.safetensors` of a checkpoint.
+pub fn load_checkpoint_state(
+    dir: &Path,
+) -> Result<(TrainerState, HashMap<String, Tensor>), ModelError> {
+    let state_path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ModelError::MissingFile {
+                path: state_path.clone(),
+                what: "the trainer state of the checkpoint given to --resume".into(),
+            }
+        } else {
+            ModelError::io(&state_path, e)
+        }
+    })?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| ModelError::Json {
+        path: state_path.clone(),
+        msg: e.to_string(),
+    })?;
+    let opt = read_safetensors(&dir.join("optimizer.safetensors"), DType::F32, &Device::Cpu)?;
+    Ok((state, opt))
+}
