@@ -100,6 +100,11 @@ impl ForwardBench {
             lp.sum_all()?.to_scalar::<f32>()?;
             Ok(())
         })?;
+        let body = time(&mut || {
+            let h = model.hidden(&input)?;
+            h.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            Ok(())
+        })?;
         let fwd_bwd = time(&mut || {
             let lp = trainable.label_logprobs(&input, &labels)?;
             let loss = lp.mean_all()?.neg()?;
@@ -115,6 +120,11 @@ impl ForwardBench {
                 what: "forward".into(),
                 seconds: fwd,
                 tokens_per_s: tokens / fwd,
+            },
+            BenchRow {
+                what: "  of which body".into(),
+                seconds: body,
+                tokens_per_s: tokens / body,
             },
             BenchRow {
                 what: "forward+backward".into(),

@@ -115,6 +115,7 @@ enum BenchCommand {
 }
 
 fn main() {
+    rrhf::tune_allocator();
     let argv = match expand_config(std::env::args().collect()) {
         Ok(a) => a,
         Err(e) => {

@@ -7,12 +7,12 @@ use super::error::{ModelError, Result};
 use super::gpt2::Gpt2;
 use super::gpt_neox::GptNeox;
 use super::input::Input;
-use super::layers::log_softmax;
 use super::llama::Llama;
 use super::weights::Weights;
 
-/// Rows of the output projection computed at once: bounds the `[rows, vocab]` logits held per chunk.
-const LOGPROB_CHUNK_ROWS: usize = 1024;
+/// Bytes of `[rows, vocab]` f32 logits formed at once: bounds memory and keeps each buffer under the allocator's
+/// mmap threshold (see `crate::tune_allocator`).
+const LOGPROB_CHUNK_BYTES: usize = 24 << 20;
 
 #[derive(Debug, Clone)]
 enum Arch {
@@ -151,13 +151,21 @@ impl CausalLm {
         let flat = hidden.reshape((b * t, hdim))?;
         let head_t = self.lm_head().t()?;
         let mut parts = Vec::new();
-        for start in (0..labels.len()).step_by(LOGPROB_CHUNK_ROWS) {
-            let end = (start + LOGPROB_CHUNK_ROWS).min(labels.len());
+        let chunk_rows = (LOGPROB_CHUNK_BYTES / (4 * vocab as usize)).max(16);
+        for start in (0..labels.len()).step_by(chunk_rows) {
+            let end = (start + chunk_rows).min(labels.len());
             let idx = Tensor::new(&labels.flat_positions[start..end], device)?;
-            let ids = Tensor::new(&labels.ids[start..end], device)?.unsqueeze(1)?;
             let rows = flat.index_select(&idx, 0)?;
-            let lp = log_softmax(&rows.matmul(&head_t)?)?;
-            parts.push(lp.gather(&ids, 1)?.squeeze(1)?);
+            let logits = rows.matmul(&head_t)?;
+            let logits = if logits.dtype() == DType::F64 {
+                logits
+            } else {
+                logits.to_dtype(DType::F32)?
+            };
+            parts.push(super::fused::label_logprobs(
+                &logits,
+                &labels.ids[start..end],
+            )?);
         }
         Ok(Tensor::cat(&parts, 0)?)
     }

@@ -5,9 +5,7 @@ use candle_core::Tensor;
 use super::config::Gpt2Config;
 use super::error::Result;
 use super::input::Input;
-use super::layers::{
-    activate, attention, attention_bias, merge_heads, split_heads, Conv1D, LayerNorm,
-};
+use super::layers::{activate, attention, merge_heads, split_heads, AttnMask, Conv1D, LayerNorm};
 use super::weights::Weights;
 
 #[derive(Debug, Clone)]
@@ -75,7 +73,7 @@ impl Gpt2 {
         let tok = self.wte.index_select(&input.ids.flatten_all()?, 0)?;
         let pos = self.wpe.index_select(&input.positions.flatten_all()?, 0)?;
         let mut x = (tok + pos)?.reshape((b, t, c.n_embd))?;
-        let bias = attention_bias(&input.mask)?;
+        let mask = AttnMask::new(&input.mask)?;
         let hd = c.n_embd / c.n_head;
         for (i, blk) in self.blocks.iter().enumerate() {
             let mut scale = if c.scale_attn_weights {
@@ -90,7 +88,7 @@ impl Gpt2 {
             let q = split_heads(&qkv.narrow(2, 0, c.n_embd)?, c.n_head, hd)?;
             let k = split_heads(&qkv.narrow(2, c.n_embd, c.n_embd)?, c.n_head, hd)?;
             let v = split_heads(&qkv.narrow(2, 2 * c.n_embd, c.n_embd)?, c.n_head, hd)?;
-            let a = merge_heads(&attention(&q, &k, &v, &bias, scale)?)?;
+            let a = merge_heads(&attention(&q, &k, &v, &mask, scale)?)?;
             x = (x + blk.attn_proj.forward(&a)?)?;
             let m = activate(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?, c.activation)?;
             x = (x + blk.mlp_proj.forward(&m)?)?;

@@ -6,7 +6,7 @@ use super::config::GptNeoxConfig;
 use super::error::Result;
 use super::input::Input;
 use super::layers::{
-    activate, attention, attention_bias, merge_heads, rope_inv_freq, LayerNorm, Linear, Rotary,
+    activate, attention, merge_heads, rope_inv_freq, AttnMask, LayerNorm, Linear, Rotary,
 };
 use super::weights::Weights;
 
@@ -101,7 +101,7 @@ impl GptNeox {
             .embed_in
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden_size))?;
-        let bias = attention_bias(&input.mask)?;
+        let mask = AttnMask::new(&input.mask)?;
         let rotary = Rotary::new(&self.inv_freq, &input.positions, x.dtype())?;
         let scale = 1.0 / (hd as f64).sqrt();
         for blk in &self.blocks {
@@ -116,7 +116,7 @@ impl GptNeox {
             let v = qkv.narrow(D::Minus1, 2 * hd, hd)?;
             let a = blk
                 .dense
-                .forward(&merge_heads(&attention(&q, &k, &v, &bias, scale)?)?)?;
+                .forward(&merge_heads(&attention(&q, &k, &v, &mask, scale)?)?)?;
             let mlp = |inp: &Tensor| -> Result<Tensor> {
                 let m = activate(&blk.dense_h_to_4h.forward(inp)?, c.hidden_act)?;
                 blk.dense_4h_to_h.forward(&m)

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{Activation, RopeConfig, RopeScaling};
 use super::error::{ModelError, Result};
+use super::fused::{self, HostMask};
 
 /// The dtype that norms, softmax and scores are computed in: f32 for half types, else the input's own.
 fn upcast(x: &Tensor) -> Result<Tensor> {
@@ -225,16 +226,36 @@ impl Rotary {
     }
 }
 
-/// Additive attention bias `[B, 1, T, T]` in f32 from a boolean mask `[B, T, T]` (u8, 1 = may attend).
-pub fn attention_bias(mask: &Tensor) -> Result<Tensor> {
-    let zeros = Tensor::zeros(mask.shape(), DType::F32, mask.device())?;
-    let neg = Tensor::full(MASK_NEG, mask.shape(), mask.device())?;
-    Ok(mask.where_cond(&zeros, &neg)?.unsqueeze(1)?)
+/// The attention mask of one forward, in the forms the two softmax paths need.
+#[derive(Debug, Clone)]
+pub struct AttnMask {
+    /// Additive bias `[B, 1, T, T]` (0 or [`MASK_NEG`]) for the composed path.
+    bias: Tensor,
+    /// The boolean mask on the host, for the fused CPU path.
+    host: Option<HostMask>,
 }
 
-/// Scaled dot-product attention with an additive f32 bias. `q`: `[B, H, T, D]`, `k`, `v`: `[B, Hkv, T, D]`;
-/// grouped-query heads are expanded. Scores and softmax run in f32 for half types.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+impl AttnMask {
+    /// From a boolean mask `[B, T, T]` (u8, 1 = may attend).
+    pub fn new(mask: &Tensor) -> Result<Self> {
+        let zeros = Tensor::zeros(mask.shape(), DType::F32, mask.device())?;
+        let neg = Tensor::full(MASK_NEG, mask.shape(), mask.device())?;
+        Ok(Self {
+            bias: mask.where_cond(&zeros, &neg)?.unsqueeze(1)?,
+            host: HostMask::new(mask)?,
+        })
+    }
+}
+
+/// Scaled dot-product attention under `mask`. `q`: `[B, H, T, D]`, `k`, `v`: `[B, Hkv, T, D]`; grouped-query
+/// heads are expanded. Scores and softmax run in f32 for half types; on the CPU the masked softmax is fused.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let hkv = k.dim(1)?;
     if h % hkv != 0 {
@@ -254,11 +275,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
         (k.clone(), v.clone())
     };
     let dtype = q.dtype();
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let scores = upcast(&scores)?;
-    let scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
-    let probs = softmax(&scores)?.to_dtype(dtype)?;
-    Ok(probs.matmul(&v.contiguous()?)?)
+    let raw = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    let probs = match &mask.host {
+        Some(host) if dtype != DType::F64 => fused::masked_softmax(&upcast(&raw)?, host, scale)?,
+        _ => {
+            let scores = upcast(&(raw * scale)?)?;
+            let scores = scores.broadcast_add(&mask.bias.to_dtype(scores.dtype())?)?;
+            softmax(&scores)?
+        }
+    };
+    Ok(probs.to_dtype(dtype)?.matmul(&v.contiguous()?)?)
 }
 
 /// `[B, T, H·D]` → `[B, H, T, D]`.

@@ -6,8 +6,7 @@ use super::config::LlamaConfig;
 use super::error::Result;
 use super::input::Input;
 use super::layers::{
-    activate, attention, attention_bias, merge_heads, rope_inv_freq, split_heads, Linear, RmsNorm,
-    Rotary,
+    activate, attention, merge_heads, rope_inv_freq, split_heads, AttnMask, Linear, RmsNorm, Rotary,
 };
 use super::weights::Weights;
 
@@ -100,7 +99,7 @@ impl Llama {
             .embed_tokens
             .index_select(&input.ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden_size))?;
-        let bias = attention_bias(&input.mask)?;
+        let mask = AttnMask::new(&input.mask)?;
         let rotary = Rotary::new(&self.inv_freq, &input.positions, x.dtype())?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         for blk in &self.blocks {
@@ -109,7 +108,7 @@ impl Llama {
             let k = split_heads(&blk.k_proj.forward(&hs)?, c.num_key_value_heads, c.head_dim)?;
             let v = split_heads(&blk.v_proj.forward(&hs)?, c.num_key_value_heads, c.head_dim)?;
             let (q, k) = (rotary.apply(&q)?, rotary.apply(&k)?);
-            let a = merge_heads(&attention(&q, &k, &v, &bias, scale)?)?;
+            let a = merge_heads(&attention(&q, &k, &v, &mask, scale)?)?;
             x = (x + blk.o_proj.forward(&a)?)?;
             let hs = blk.post_attention_layernorm.forward(&x)?;
             let gate = activate(&blk.gate_proj.forward(&hs)?, c.hidden_act)?;

@@ -1204,10 +1204,10 @@ mod tests {
         assert_eq!(global_grad_norm(&[]).unwrap(), 0.0);
     }
 
-    /// `cargo test --release --lib train::optim::tests::bench_adamw_small -- --ignored --nocapture`
+    /// `cargo test --release --lib train::optim::tests::bench_adamw_45m -- --ignored --nocapture`
     #[test]
     #[ignore]
-    fn bench_adamw_small() {
+    fn bench_adamw_45m() {
         let n: usize = std::env::var("RRHF_BENCH_ADAMW_PARAMS")
             .ok()
             .and_then(|s| s.parse().ok())
