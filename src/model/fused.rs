@@ -37,6 +37,154 @@ where
     });
 }
 
+/// `e^x` to about 2 ulp for x in [−87, 88] (0 below), branch-free so loops over it vectorise: x = n·ln2 + r,
+/// `e^r` by a degree-6 polynomial on |r| ≤ ln2/2, `2^n` through the exponent bits.
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (0.166_666_67
+                    + r * (0.041_666_668 + r * (0.008_333_452 + r * 0.001_388_89)))));
+    // SAFETY: x is clamped, so n is a finite integer in [−126, 127].
+    let n_int: i32 = unsafe { n.to_int_unchecked() };
+    let bits = ((n_int + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// Row kernels, compiled once generically and once per SIMD level (see `multiversion!`). Reductions run over
+/// 16 independent lanes: the compiler may not reorder a float sum, and one running total would not vectorise.
+mod kernels {
+    use super::exp_approx;
+
+    const L: usize = 16;
+
+    #[inline(always)]
+    fn reduce(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+        let mut acc = [init; L];
+        let mut chunks = xs.chunks_exact(L);
+        for c in &mut chunks {
+            for i in 0..L {
+                acc[i] = f(acc[i], c[i]);
+            }
+        }
+        let mut r = acc.iter().copied().fold(init, &f);
+        for &x in chunks.remainder() {
+            r = f(r, x);
+        }
+        r
+    }
+
+    #[inline(always)]
+    fn sum(xs: &[f32]) -> f32 {
+        reduce(xs, 0.0, |a, b| a + b)
+    }
+
+    /// Max over `row`.
+    #[inline(always)]
+    pub fn max(row: &[f32]) -> f32 {
+        reduce(row, f32::NEG_INFINITY, f32::max)
+    }
+
+    /// `out[k] = e^(row[k] − m)`, returns Σ out.
+    #[inline(always)]
+    pub fn exp_shift(row: &[f32], m: f32, out: &mut [f32]) -> f32 {
+        for (o, &z) in out.iter_mut().zip(row) {
+            *o = exp_approx(z - m);
+        }
+        sum(out)
+    }
+
+    /// Σ e^(row[k] − m) without storing.
+    #[inline(always)]
+    pub fn sum_exp_shift(row: &[f32], m: f32) -> f32 {
+        let mut acc = [0f32; L];
+        let mut chunks = row.chunks_exact(L);
+        for c in &mut chunks {
+            for i in 0..L {
+                acc[i] += exp_approx(c[i] - m);
+            }
+        }
+        let mut total = sum(&acc);
+        for &z in chunks.remainder() {
+            total += exp_approx(z - m);
+        }
+        total
+    }
+
+    /// Masked softmax of one row: `out[k] = mask[k] · e^(s·row[k] − max)` normalised.
+    #[inline(always)]
+    pub fn masked_softmax_row(row: &[f32], mask: &[u8], scale: f32, out: &mut [f32]) {
+        for ((o, &z), &m) in out.iter_mut().zip(row).zip(mask) {
+            *o = if m != 0 { z * scale } else { f32::NEG_INFINITY };
+        }
+        let mx = max(out);
+        for ((o, &z), &m) in out.iter_mut().zip(row).zip(mask) {
+            *o = exp_approx(z * scale - mx) * f32::from(m);
+        }
+        let total = sum(out);
+        let inv = if total > 0.0 { 1.0 / total } else { 0.0 };
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
+    }
+
+    /// `out[k] = s · p[k] · (g[k] − Σ g·p)`.
+    #[inline(always)]
+    pub fn softmax_grad_row(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) {
+        for ((o, &pk), &gk) in out.iter_mut().zip(p).zip(g) {
+            *o = pk * gk;
+        }
+        let dot = sum(out);
+        for ((o, &pk), &gk) in out.iter_mut().zip(p).zip(g) {
+            *o = scale * pk * (gk - dot);
+        }
+    }
+}
+
+/// Defines `fast::$name(args)`: `kernels::$name` compiled for AVX-512 or AVX2+FMA, chosen at run time.
+macro_rules! multiversion {
+    ($($name:ident($($a:ident: $t:ty),*) -> $ret:ty;)*) => {
+        mod fast {
+            use super::kernels;
+            $(
+                pub fn $name($($a: $t),*) -> $ret {
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        #[target_feature(enable = "avx512f")]
+                        unsafe fn v4($($a: $t),*) -> $ret { kernels::$name($($a),*) }
+                        #[target_feature(enable = "avx2,fma")]
+                        unsafe fn v3($($a: $t),*) -> $ret { kernels::$name($($a),*) }
+                        if std::arch::is_x86_feature_detected!("avx512f") {
+                            // SAFETY: the feature was detected at run time.
+                            return unsafe { v4($($a),*) };
+                        }
+                        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                            // SAFETY: the features were detected at run time.
+                            return unsafe { v3($($a),*) };
+                        }
+                    }
+                    kernels::$name($($a),*)
+                }
+            )*
+        }
+    };
+}
+
+multiversion! {
+    max(row: &[f32]) -> f32;
+    exp_shift(row: &[f32], m: f32, out: &mut [f32]) -> f32;
+    sum_exp_shift(row: &[f32], m: f32) -> f32;
+    masked_softmax_row(row: &[f32], mask: &[u8], scale: f32, out: &mut [f32]) -> ();
+    softmax_grad_row(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) -> ();
+}
+
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(d) => d.as_slice(),
@@ -64,8 +212,8 @@ impl CustomOp1 for LabelLogProb {
         let mut out = vec![0f32; n];
         par_rows(&mut out, 1, |r, o| {
             let row = &x[r * v..(r + 1) * v];
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row.iter().map(|&z| (z - m).exp()).sum();
+            let m = fast::max(row);
+            let sum = fast::sum_exp_shift(row, m);
             o[0] = row[self.labels[r] as usize] - m - sum.ln();
         });
         Ok((CpuStorage::F32(out), Shape::from(n)))
@@ -111,13 +259,8 @@ impl CustomOp2 for LabelLogProbGrad {
         let mut out = vec![0f32; n * v];
         par_rows(&mut out, v, |r, o| {
             let row = &x[r * v..(r + 1) * v];
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (oi, &z) in o.iter_mut().zip(row) {
-                let e = (z - m).exp();
-                *oi = e;
-                sum += e;
-            }
+            let m = fast::max(row);
+            let sum = fast::exp_shift(row, m, o);
             let scale = -g[r] / sum;
             for oi in o.iter_mut() {
                 *oi *= scale;
@@ -165,27 +308,7 @@ impl CustomOp1 for MaskedSoftmax {
         par_rows(&mut out, t, |r, o| {
             let (bi, q) = (r / (h * t), r % t);
             let m = &self.mask[(bi * t + q) * t..(bi * t + q + 1) * t];
-            let row = &x[r * t..(r + 1) * t];
-            let mut mx = f32::NEG_INFINITY;
-            for (k, &z) in row.iter().enumerate() {
-                if m[k] != 0 {
-                    mx = mx.max(z * self.scale);
-                }
-            }
-            let mut sum = 0f32;
-            for k in 0..t {
-                o[k] = if m[k] != 0 {
-                    let e = (row[k] * self.scale - mx).exp();
-                    sum += e;
-                    e
-                } else {
-                    0.0
-                };
-            }
-            let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-            for ok in o.iter_mut() {
-                *ok *= inv;
-            }
+            fast::masked_softmax_row(&x[r * t..(r + 1) * t], m, self.scale, o);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -227,11 +350,12 @@ impl CustomOp2 for SoftmaxGrad {
         let g = contiguous_f32(s2, l2, "softmax-grad grad")?;
         let mut out = vec![0f32; p.len()];
         par_rows(&mut out, t, |r, o| {
-            let (pr, gr) = (&p[r * t..(r + 1) * t], &g[r * t..(r + 1) * t]);
-            let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
-            for k in 0..t {
-                o[k] = self.scale * pr[k] * (gr[k] - dot);
-            }
+            fast::softmax_grad_row(
+                &p[r * t..(r + 1) * t],
+                &g[r * t..(r + 1) * t],
+                self.scale,
+                o,
+            );
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -259,4 +383,139 @@ pub fn masked_softmax(scores: &Tensor, mask: &HostMask, scale: f64) -> Result<Te
         heads,
         scale: scale as f32,
     })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn exp_approx_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let rel = ((exp_approx(x) as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
+            worst = worst.max(rel);
+            x += 0.013;
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+        assert_eq!(exp_approx(-200.0), exp_approx(-87.0));
+    }
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * 3.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn fused_label_logprobs_match_composed_with_gradients() {
+        let x = Var::from_tensor(&rand(&[37, 301], 1)).unwrap();
+        let labels: Vec<u32> = (0..37).map(|i| (i * 7 % 301) as u32).collect();
+        let w = rand(&[37], 2);
+        let fused = label_logprobs(x.as_tensor(), &labels).unwrap();
+        let ids = Tensor::new(labels.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let composed = crate::model::layers::log_softmax(x.as_tensor())
+            .unwrap()
+            .gather(&ids, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let d = (&fused - &composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "values differ by {d}");
+        let ga = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (composed * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (ga, gb) = (
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
+        let d = (ga - gb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "gradients differ by {d}");
+    }
+
+    #[test]
+    fn fused_masked_softmax_matches_composed_with_gradients() {
+        let (b, h, t) = (2, 3, 9);
+        let scores = Var::from_tensor(&rand(&[b, h, t, t], 3)).unwrap();
+        let mut mask = vec![0u8; b * t * t];
+        for bi in 0..b {
+            for q in 0..t {
+                for k in 0..=q {
+                    // A block pattern like a packed row: keys 5..q invisible to queries 7.. in batch 1.
+                    mask[(bi * t + q) * t + k] =
+                        u8::from(!(bi == 1 && q >= 7 && (5..7).contains(&k)));
+                }
+            }
+        }
+        let mask_t = Tensor::from_vec(mask, (b, t, t), &Device::Cpu).unwrap();
+        let host = HostMask::new(&mask_t).unwrap().unwrap();
+        let fused = masked_softmax(scores.as_tensor(), &host, 0.3).unwrap();
+        let bias = mask_t
+            .where_cond(
+                &Tensor::zeros((b, t, t), DType::F32, &Device::Cpu).unwrap(),
+                &Tensor::full(crate::model::layers::MASK_NEG, (b, t, t), &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let scaled = (scores.as_tensor() * 0.3)
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let composed = candle_nn::ops::softmax(&scaled, 3).unwrap();
+        let d = (&fused - &composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "values differ by {d}");
+        let w = rand(&[b, h, t, t], 4);
+        let ga = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (composed * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (ga, gb) = (
+            ga.get(scores.as_tensor()).unwrap(),
+            gb.get(scores.as_tensor()).unwrap(),
+        );
+        let d = (ga - gb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "gradients differ by {d}");
+    }
 }
