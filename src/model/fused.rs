@@ -285,8 +285,8 @@ pub fn label_logprobs(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
         .squeeze(1)?)
 }
 
-/// `softmax(scale · scores + mask)` over the last dim, masked entries exactly 0; scores `[B, H, T, T]` f32,
-/// mask `[B, T, T]` (1 = attend) shared by the heads.
+/// `softmax(scale · scores + mask)` over the last dim, masked entries exactly 0; scores `[B, H, Tq, Tk]` f32,
+/// mask `[B, Tq, Tk]` (1 = attend) shared by the heads (Tq < Tk when decoding with a KV cache).
 struct MaskedSoftmax {
     mask: Arc<Vec<u8>>,
     heads: usize,
@@ -299,16 +299,16 @@ impl CustomOp1 for MaskedSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, t, t2) = l.shape().dims4()?;
-        if t != t2 || h != self.heads || self.mask.len() != b * t * t {
+        let (b, h, tq, tk) = l.shape().dims4()?;
+        if h != self.heads || self.mask.len() != b * tq * tk {
             candle_core::bail!("masked-softmax: scores {:?} do not fit the mask", l.shape());
         }
         let x = contiguous_f32(s, l, "masked-softmax")?;
-        let mut out = vec![0f32; b * h * t * t];
-        par_rows(&mut out, t, |r, o| {
-            let (bi, q) = (r / (h * t), r % t);
-            let m = &self.mask[(bi * t + q) * t..(bi * t + q + 1) * t];
-            fast::masked_softmax_row(&x[r * t..(r + 1) * t], m, self.scale, o);
+        let mut out = vec![0f32; b * h * tq * tk];
+        par_rows(&mut out, tk, |r, o| {
+            let (bi, q) = (r / (h * tq), r % tq);
+            let m = &self.mask[(bi * tq + q) * tk..(bi * tq + q + 1) * tk];
+            fast::masked_softmax_row(&x[r * tk..(r + 1) * tk], m, self.scale, o);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -366,7 +366,7 @@ impl CustomOp2 for SoftmaxGrad {
 pub struct HostMask(Arc<Vec<u8>>);
 
 impl HostMask {
-    /// Copies a `[B, T, T]` u8 mask to the host when the fused path applies to `device`.
+    /// Copies a `[B, Tq, Tk]` u8 mask to the host when the fused path applies to `device`.
     pub fn new(mask: &Tensor) -> Result<Option<Self>> {
         if !mask.device().is_cpu() {
             return Ok(None);
@@ -375,7 +375,7 @@ impl HostMask {
     }
 }
 
-/// Fused masked softmax of f32 CPU scores `[B, H, T, T]`.
+/// Fused masked softmax of f32 CPU scores `[B, H, Tq, Tk]`.
 pub fn masked_softmax(scores: &Tensor, mask: &HostMask, scale: f64) -> Result<Tensor> {
     let heads = scores.dim(1)?;
     Ok(scores.contiguous()?.apply_op1(MaskedSoftmax {

@@ -236,7 +236,7 @@ pub struct AttnMask {
 }
 
 impl AttnMask {
-    /// From a boolean mask `[B, T, T]` (u8, 1 = may attend).
+    /// From a boolean mask `[B, Tq, Tk]` (u8, 1 = query position may attend key position).
     pub fn new(mask: &Tensor) -> Result<Self> {
         let zeros = Tensor::zeros(mask.shape(), DType::F32, mask.device())?;
         let neg = Tensor::full(MASK_NEG, mask.shape(), mask.device())?;
@@ -247,7 +247,7 @@ impl AttnMask {
     }
 }
 
-/// Scaled dot-product attention under `mask`. `q`: `[B, H, T, D]`, `k`, `v`: `[B, Hkv, T, D]`; grouped-query
+/// Scaled dot-product attention under `mask`. `q`: `[B, H, Tq, D]`, `k`, `v`: `[B, Hkv, Tk, D]`; grouped-query
 /// heads are expanded. Scores and softmax run in f32 for half types; on the CPU the masked softmax is fused.
 pub fn attention(
     q: &Tensor,
@@ -256,8 +256,8 @@ pub fn attention(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let hkv = k.dim(1)?;
+    let (b, h, _, d) = q.dims4()?;
+    let (hkv, tk) = (k.dim(1)?, k.dim(2)?);
     if h % hkv != 0 {
         return Err(ModelError::Input(format!(
             "attention: {h} query heads are not a multiple of {hkv} key/value heads"
@@ -267,8 +267,8 @@ pub fn attention(
         let rep = h / hkv;
         let expand = |x: &Tensor| -> Result<Tensor> {
             Ok(x.unsqueeze(2)?
-                .broadcast_as((b, hkv, rep, t, d))?
-                .reshape((b, h, t, d))?)
+                .broadcast_as((b, hkv, rep, tk, d))?
+                .reshape((b, h, tk, d))?)
         };
         (expand(k)?, expand(v)?)
     } else {
