@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 use super::error::Result;
 
 /// Splits `n_rows` rows of `out` (each `out_row` long) over the available threads and calls `f(row, out_row)`.
-fn par_rows<F>(out: &mut [f32], out_row: usize, f: F)
+pub(crate) fn par_rows<F>(out: &mut [f32], out_row: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
@@ -40,7 +40,7 @@ where
 /// `e^x` to about 2 ulp for x in [−87, 88] (0 below), branch-free so loops over it vectorise: x = n·ln2 + r,
 /// `e^r` by a degree-6 polynomial on |r| ≤ ln2/2, `2^n` through the exponent bits.
 #[inline(always)]
-fn exp_approx(x: f32) -> f32 {
+pub(crate) fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -185,7 +185,11 @@ multiversion! {
     softmax_grad_row(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) -> ();
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(d) => d.as_slice(),
         _ => candle_core::bail!("{what}: expected f32"),

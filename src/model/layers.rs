@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::config::{Activation, RopeConfig, RopeScaling};
 use super::error::{ModelError, Result};
 use super::fused::{self, HostMask};
+use super::fused_elementwise::{self, RopeTables};
 
 /// The dtype that norms, softmax and scores are computed in: f32 for half types, else the input's own.
 fn upcast(x: &Tensor) -> Result<Tensor> {
@@ -75,6 +76,9 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            return Ok(fused_elementwise::rms_norm(x, &self.weight, self.eps)?);
+        }
         let dtype = x.dtype();
         let xf = upcast(x)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -115,6 +119,14 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
         Activation::GeluTanh => x.gelu()?,
         Activation::Relu => x.relu()?,
     })
+}
+
+/// `act(gate) ⊙ up`, the gated MLP of LLaMA (fused for SiLU in f32 on the CPU).
+pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
+    if act == Activation::Silu && gate.device().is_cpu() && gate.dtype() == DType::F32 {
+        return Ok(fused_elementwise::swiglu(gate, up)?);
+    }
+    Ok((activate(gate, act)? * up)?)
 }
 
 /// `log_softmax` over the last dimension (in f32 for half types). The max shift is detached: it cancels in the result and its
@@ -177,6 +189,8 @@ pub struct Rotary {
     cos: Tensor,
     sin: Tensor,
     rotary_dim: usize,
+    /// Host tables for the fused CPU op (f32 on the CPU only).
+    fused: Option<RopeTables>,
 }
 
 impl Rotary {
@@ -190,6 +204,16 @@ impl Rotary {
         let inv = Tensor::from_vec(inv, (1, 1, half), device)?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
         let freqs = pos.broadcast_mul(&inv)?;
+        let fused = if device.is_cpu() && dtype == DType::F32 {
+            let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+            Some(RopeTables::new(
+                flat(freqs.cos()?)?,
+                flat(freqs.sin()?)?,
+                2 * half,
+            ))
+        } else {
+            None
+        };
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         let cos = emb.cos()?.to_dtype(dtype)?.unsqueeze(1)?;
         let sin = emb.sin()?.to_dtype(dtype)?.unsqueeze(1)?;
@@ -197,6 +221,7 @@ impl Rotary {
             cos,
             sin,
             rotary_dim: 2 * half,
+            fused,
         })
     }
 
@@ -206,6 +231,11 @@ impl Rotary {
         let r = self.rotary_dim;
         if r == 0 {
             return Ok(x.clone());
+        }
+        if let Some(t) = &self.fused {
+            if x.dtype() == DType::F32 {
+                return Ok(t.apply(x)?);
+            }
         }
         let (rot, pass) = if r < head_dim {
             (

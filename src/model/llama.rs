@@ -6,7 +6,7 @@ use super::config::LlamaConfig;
 use super::error::Result;
 use super::input::Input;
 use super::layers::{
-    activate, attention, merge_heads, rope_inv_freq, split_heads, AttnMask, Linear, RmsNorm, Rotary,
+    attention, gated, merge_heads, rope_inv_freq, split_heads, AttnMask, Linear, RmsNorm, Rotary,
 };
 use super::weights::Weights;
 
@@ -111,9 +111,9 @@ impl Llama {
             let a = merge_heads(&attention(&q, &k, &v, &mask, scale)?)?;
             x = (x + blk.o_proj.forward(&a)?)?;
             let hs = blk.post_attention_layernorm.forward(&x)?;
-            let gate = activate(&blk.gate_proj.forward(&hs)?, c.hidden_act)?;
+            let gate = blk.gate_proj.forward(&hs)?;
             let up = blk.up_proj.forward(&hs)?;
-            x = (x + blk.down_proj.forward(&(gate * up)?)?)?;
+            x = (x + blk.down_proj.forward(&gated(&gate, &up, c.hidden_act)?)?)?;
         }
         self.norm.forward(&x)
     }

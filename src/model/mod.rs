@@ -4,6 +4,7 @@ pub mod causal_lm;
 pub mod config;
 pub mod error;
 pub mod fused;
+pub mod fused_elementwise;
 pub mod gguf;
 pub mod gpt2;
 pub mod gpt_neox;
