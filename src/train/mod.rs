@@ -1,5 +1,6 @@
 //! Training: the RRHF loss, optimizer, schedule and loop.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod log;
 pub mod loss;
