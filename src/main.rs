@@ -107,6 +107,13 @@ enum BenchCommand {
         #[arg(long, default_value_t = 256)]
         seq_len: usize,
     },
+    /// Response tokens/s of one RRHF optimizer step (k = 4, query 128 + responses 64 tokens), packed vs padded.
+    Train {
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+    },
     /// Seconds per AdamW step on 45M parameters: rrhf's fused update against candle_nn's AdamW.
     Optim {
         #[arg(long, default_value_t = 3)]
@@ -177,6 +184,19 @@ fn run(cli: Cli) -> Result<()> {
                 let title = format!(
                     "rrhf bench forward: LLaMA hidden {} × {} layers, {} heads, vocab {}, batch {}×{}, {device}, {dtype}",
                     b.hidden, b.layers, b.heads, b.vocab, b.batch, b.seq_len
+                );
+                print!("{}", format_table(&title, &rows));
+                Ok(())
+            }
+            BenchCommand::Train { device, iters } => {
+                let b = rrhf::train::bench::TrainBench {
+                    iters,
+                    ..Default::default()
+                };
+                let rows = b.run(&device.open()?)?;
+                let title = format!(
+                    "rrhf bench train: one optimizer step, LLaMA hidden {} × {} layers, vocab {}, {} queries × k = {} (query {} + response {} tokens), {device}; tokens/s = response tokens",
+                    b.model.hidden, b.model.layers, b.model.vocab, b.queries, b.k, b.query_len, b.response_len
                 );
                 print!("{}", format_table(&title, &rows));
                 Ok(())
