@@ -16,7 +16,7 @@ pub(crate) fn par_rows<F>(out: &mut [f32], out_row: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
-    let n_rows = if out_row == 0 { 0 } else { out.len() / out_row };
+    let n_rows = out.len().checked_div(out_row).unwrap_or(0);
     let threads = candle_core::utils::get_num_threads().clamp(1, n_rows.max(1));
     if threads == 1 || n_rows < 2 {
         for (r, o) in out.chunks_mut(out_row.max(1)).enumerate() {

@@ -90,6 +90,15 @@ impl Progress {
 
     /// Reports step `step` (1-based: steps done) with its loss and throughput.
     pub fn step(&self, step: u64, loss: f64, tokens_per_s: f64) {
+        self.report(
+            step,
+            "step",
+            &format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"),
+        );
+    }
+
+    /// Reports `step` of the total (1-based: steps done) as `"{unit} {step}/{total} [bar] {detail}  ETA …"`.
+    pub fn report(&self, step: u64, unit: &str, detail: &str) {
         let done = step - self.start_step;
         let elapsed = self.started.elapsed().as_secs_f64();
         let eta = if done > 0 {
@@ -107,7 +116,7 @@ impl Progress {
             )
         };
         let line = format!(
-            "step {step}/{} {bar} loss {loss:.4}  {tokens_per_s:.0} tok/s  ETA {}",
+            "{unit} {step}/{} {bar} {detail}  ETA {}",
             self.total,
             fmt_secs(eta)
         );
@@ -116,7 +125,7 @@ impl Progress {
             if step == self.total {
                 eprintln!();
             }
-        } else if step % self.every == 0 || step == self.total || done == 1 {
+        } else if step.is_multiple_of(self.every) || step == self.total || done == 1 {
             eprintln!("{line}");
         }
     }
