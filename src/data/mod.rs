@@ -1,5 +1,6 @@
 //! Data: the RRHF record, readers of the supported formats, tokenisation and batching.
 
+pub mod args;
 pub mod batch;
 pub mod error;
 pub mod readers;

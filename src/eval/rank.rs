@@ -7,41 +7,32 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::data::args::RecordArgs;
 use crate::data::batch::{build_batch, Layout};
-use crate::data::readers::{InputFormat, PromptTemplate};
-use crate::data::tokenize::{TokenizeOptions, TokenizedRecord};
-use crate::device::{DTypeSpec, DeviceSpec};
+use crate::data::tokenize::TokenizedRecord;
+use crate::model::load::ModelArgs;
 use crate::model::save::write_atomic;
-use crate::model::{load_model, ModelError};
+use crate::model::ModelError;
 use crate::train::loss::{rrhf_loss, LossConfig};
 use crate::train::trainer::{prepare, TrainError};
 
 /// Flags of `rrhf rank`.
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct RankConfig {
-    /// A Hugging Face model directory or a .gguf file.
-    #[arg(long)]
-    pub model: PathBuf,
+    /// The policy to rank with (`--model`, `--device`, `--dtype`).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: ModelArgs,
     /// Scored records (any format `rrhf train` reads).
     #[arg(long)]
     pub data: PathBuf,
     /// JSONL output, one line per input record in input order: {"p", "logp_sum", "n_tokens"}.
     #[arg(long)]
     pub output: PathBuf,
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
-    #[arg(long, default_value = "f32")]
-    pub dtype: DTypeSpec,
-    #[arg(long, default_value = "auto")]
-    pub format: InputFormat,
-    #[arg(long, default_value = "none")]
-    pub prompt_template: PromptTemplate,
-    #[arg(long)]
-    pub skip_invalid: bool,
-    #[arg(long, default_value_t = 192)]
-    pub max_len: usize,
-    #[arg(long)]
-    pub max_query_len: Option<usize>,
+    /// How --data is read and tokenised.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub records: RecordArgs,
     /// Exponent of the response length in p_i.
     #[arg(long, default_value_t = 1.0)]
     pub length_penalty: f64,
@@ -64,17 +55,8 @@ pub struct RankSummary {
 
 /// Runs `rrhf rank`.
 pub fn rank(cfg: &RankConfig) -> Result<RankSummary, TrainError> {
-    let device = cfg.device.open()?;
-    let opts = TokenizeOptions::new(cfg.max_len, cfg.max_query_len).map_err(TrainError::Config)?;
-    let m = load_model(&cfg.model, &device, cfg.dtype.dtype())?;
-    let data = prepare(
-        &cfg.data,
-        cfg.format,
-        cfg.prompt_template,
-        cfg.skip_invalid,
-        &m,
-        &opts,
-    )?;
+    let (m, device) = cfg.model.load()?;
+    let data = prepare(&cfg.data, &cfg.records, &m)?;
     let loss_cfg = LossConfig {
         length_penalty: cfg.length_penalty,
         ..LossConfig::default()

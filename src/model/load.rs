@@ -23,6 +23,29 @@ pub struct LoadedModel {
     pub source: PathBuf,
 }
 
+/// The flags of every command that loads a model: `--model`, `--device`, `--dtype`.
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+pub struct ModelArgs {
+    /// A Hugging Face model directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::DeviceSpec,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: crate::device::DTypeSpec,
+}
+
+impl ModelArgs {
+    /// Opens the device and loads the model.
+    pub fn load(&self) -> Result<(LoadedModel, Device)> {
+        let device = self.device.open()?;
+        let m = load_model(&self.model, &device, self.dtype.dtype())?;
+        Ok((m, device))
+    }
+}
+
 /// Whether `path` names a GGUF file (by extension).
 pub fn is_gguf(path: &Path) -> bool {
     path.extension()

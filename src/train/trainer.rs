@@ -11,12 +11,13 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::data::args::RecordArgs;
 use crate::data::batch::{build_batch, Layout};
-use crate::data::readers::{read_records, InputFormat, PromptTemplate, ReadOptions};
-use crate::data::tokenize::{tokenize_record, TokenizeOptions, TokenizedRecord};
+use crate::data::readers::read_records;
+use crate::data::tokenize::{tokenize_record, TokenizedRecord};
 use crate::data::DataError;
-use crate::device::{DTypeSpec, DeviceSpec};
-use crate::model::load::LoadedModel;
+use crate::device::DTypeSpec;
+use crate::model::load::{LoadedModel, ModelArgs};
 use crate::model::save::{save_pretrained, write_atomic};
 use crate::model::{load_model, CausalLm, ModelError};
 use crate::rng::Rng;
@@ -31,36 +32,20 @@ use super::schedule::{lr_at, warmup_steps, ScheduleKind};
 /// Everything `rrhf train` can be told (every field is a flag; `--config FILE.toml` may set any of them).
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct TrainConfig {
-    /// Initial model: a Hugging Face directory or a .gguf file.
-    #[arg(long)]
-    pub model: PathBuf,
+    /// Initial model (`--model`), `--device`, `--dtype` (the training dtype).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: ModelArgs,
     /// Training records (RRHF JSONL, pairwise JSONL/Parquet, hh-rlhf raw, Alpaca).
     #[arg(long)]
     pub data: PathBuf,
     /// Output directory: final model, checkpoints, metrics.jsonl, args.json, loss.png.
     #[arg(long)]
     pub output: PathBuf,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
-    /// Training dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: DTypeSpec,
-    /// Input format of --data and --eval-data.
-    #[arg(long, default_value = "auto")]
-    pub format: InputFormat,
-    /// Template applied to queries (alpaca: the Stanford Alpaca prompt).
-    #[arg(long, default_value = "none")]
-    pub prompt_template: PromptTemplate,
-    /// Skip (and count) malformed records instead of stopping at the first.
-    #[arg(long)]
-    pub skip_invalid: bool,
-    /// Tokens of query + response, at most (the paper: 192 for HH).
-    #[arg(long, default_value_t = 192)]
-    pub max_len: usize,
-    /// Tokens of the query, at most (default max(max_len − 64, max_len / 2)); longer queries keep their end.
-    #[arg(long)]
-    pub max_query_len: Option<usize>,
+    /// How --data and --eval-data are read and tokenised.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub records: RecordArgs,
     /// Weight of the ranking loss (the paper: 1).
     #[arg(long, default_value_t = 1.0)]
     pub rank_weight: f64,
@@ -174,27 +159,17 @@ pub struct Prepared {
     pub truncated_responses: usize,
 }
 
-/// Reads and tokenises a record file under `cfg`'s format options.
+/// Reads and tokenises a file of scored records.
 pub fn prepare(
     path: &std::path::Path,
-    format: InputFormat,
-    prompt_template: PromptTemplate,
-    skip_invalid: bool,
+    args: &RecordArgs,
     m: &LoadedModel,
-    opts: &TokenizeOptions,
 ) -> Result<Prepared, TrainError> {
-    let read = read_records(
-        path,
-        &ReadOptions {
-            format,
-            prompt_template,
-            skip_invalid,
-            require_scores: true,
-        },
-    )?;
+    let opts = args.tokenize_options().map_err(TrainError::Config)?;
+    let read = read_records(path, &args.read_options(true))?;
     let mut records = Vec::with_capacity(read.records.len());
     for r in &read.records {
-        records.push(tokenize_record(&m.tokenizer, r, opts)?);
+        records.push(tokenize_record(&m.tokenizer, r, &opts)?);
     }
     Ok(Prepared {
         truncated_queries: records.iter().filter(|r| r.query_truncated).count(),
@@ -295,33 +270,20 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             "--batch-queries and --grad-accum must be at least 1".into(),
         ));
     }
-    let device = cfg.device.open()?;
-    let dtype = cfg.dtype.dtype();
-    let opts = TokenizeOptions::new(cfg.max_len, cfg.max_query_len).map_err(TrainError::Config)?;
+    let device = cfg.model.device.open()?;
+    let dtype = cfg.model.dtype.dtype();
+    // Length limits are checked before anything is loaded.
+    cfg.records.tokenize_options().map_err(TrainError::Config)?;
     let resume_state = match &cfg.resume {
         Some(dir) => Some(load_checkpoint_state(dir)?),
         None => None,
     };
     // A resumed run continues from the checkpoint's weights (same architecture, tokenizer and side files).
-    let model_path = cfg.resume.as_ref().unwrap_or(&cfg.model);
+    let model_path = cfg.resume.as_ref().unwrap_or(&cfg.model.model);
     let loaded = load_model(model_path, &device, dtype)?;
-    let data = prepare(
-        &cfg.data,
-        cfg.format,
-        cfg.prompt_template,
-        cfg.skip_invalid,
-        &loaded,
-        &opts,
-    )?;
+    let data = prepare(&cfg.data, &cfg.records, &loaded)?;
     let eval = match &cfg.eval_data {
-        Some(p) => Some(prepare(
-            p,
-            cfg.format,
-            cfg.prompt_template,
-            cfg.skip_invalid,
-            &loaded,
-            &opts,
-        )?),
+        Some(p) => Some(prepare(p, &cfg.records, &loaded)?),
         None => None,
     };
     let n = data.records.len();

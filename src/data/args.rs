@@ -1,0 +1,43 @@
+//! The flags that say how record files are read and tokenised, shared by every command that reads records.
+
+use serde::Serialize;
+
+use super::readers::{InputFormat, PromptTemplate, ReadOptions};
+use super::tokenize::TokenizeOptions;
+
+/// Input format, template, error policy and length limits of record files.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct RecordArgs {
+    /// Input format: auto, rrhf, pairwise, hh or alpaca.
+    #[arg(long, default_value = "auto")]
+    pub format: InputFormat,
+    /// Template applied to queries (alpaca: the Stanford Alpaca prompt).
+    #[arg(long, default_value = "none")]
+    pub prompt_template: PromptTemplate,
+    /// Skip (and count) malformed records instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Tokens of query + response, at most (the paper: 192 for HH).
+    #[arg(long, default_value_t = 192)]
+    pub max_len: usize,
+    /// Tokens of the query, at most (default max(max_len − 64, max_len / 2)); longer queries keep their end.
+    #[arg(long)]
+    pub max_query_len: Option<usize>,
+}
+
+impl RecordArgs {
+    /// Reader options; `require_scores` refuses unscored records.
+    pub fn read_options(&self, require_scores: bool) -> ReadOptions {
+        ReadOptions {
+            format: self.format,
+            prompt_template: self.prompt_template,
+            skip_invalid: self.skip_invalid,
+            require_scores,
+        }
+    }
+
+    /// Tokenisation limits (an error message for inconsistent lengths).
+    pub fn tokenize_options(&self) -> Result<TokenizeOptions, String> {
+        TokenizeOptions::new(self.max_len, self.max_query_len)
+    }
+}
