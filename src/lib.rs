@@ -15,11 +15,14 @@ pub fn tune_allocator() {
 }
 
 pub mod bench;
+pub mod client;
 pub mod data;
 pub mod device;
 pub mod eval;
 pub mod model;
 pub mod rng;
+pub mod sample;
+pub mod score;
 pub mod train;
 
 /// Implements `Serialize` as the `Display` spelling (the CLI value) for option types, so `args.json` holds

@@ -11,7 +11,9 @@ use serde_json::json;
 use rrhf::bench::{format_table, ForwardBench};
 use rrhf::device::{DTypeSpec, DeviceSpec};
 use rrhf::eval::rank::{rank, RankConfig};
-use rrhf::model::{load_model, Input, Labels, LoadedModel};
+use rrhf::model::load::ModelArgs;
+use rrhf::model::{Input, Labels, LoadedModel};
+use rrhf::sample::command::{sample, SampleConfig};
 use rrhf::train::trainer::{train, TrainConfig};
 
 #[derive(Parser)]
@@ -26,12 +28,18 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the training config variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Train a policy with the RRHF loss on scored records.
     Train(TrainConfig),
     /// Score responses with a model's length-normalised log-probability p_i (the policy as a reward model).
     Rank(RankConfig),
+    /// Sample k responses per prompt (the paper's BP/SP/DP/D/P settings, or an OpenAI-compatible endpoint).
+    Sample(SampleConfig),
+    /// Fill `scores` with a reward model, an LLM judge, VADER, a policy's p_i or the data's labels (+ KL penalty).
+    Score(rrhf::score::ScoreConfig),
     /// Per-token log-probabilities of a text under a model.
     Logprobs(LogprobsArgs),
     /// Convert a GGUF file (llama architecture) into a Hugging Face model directory.
@@ -41,28 +49,6 @@ enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
-}
-
-/// Flags shared by every command that loads a model.
-#[derive(Args)]
-struct ModelArgs {
-    /// A Hugging Face model directory or a .gguf file.
-    #[arg(long)]
-    model: PathBuf,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: DTypeSpec,
-}
-
-impl ModelArgs {
-    fn load(&self) -> Result<(LoadedModel, Device)> {
-        let device = self.device.open()?;
-        let m = load_model(&self.model, &device, self.dtype.dtype())?;
-        Ok((m, device))
-    }
 }
 
 #[derive(Args)]
@@ -114,10 +100,44 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         iters: usize,
     },
+    /// Generated tokens/s of greedy, beam and diverse beam search (KV-cached) on the forward benchmark's LLaMA.
+    Generate {
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        #[arg(long, default_value = "f32")]
+        dtype: DTypeSpec,
+        /// Prompts per batch.
+        #[arg(long, default_value_t = 4)]
+        prompts: usize,
+        /// Tokens per prompt.
+        #[arg(long, default_value_t = 64)]
+        prompt_len: usize,
+        /// New tokens per sequence (no stop id, so every sequence has exactly this many).
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// Timed repetitions (the median is shown).
+        #[arg(long, default_value_t = 1)]
+        iters: usize,
+    },
     /// Seconds per AdamW step on 45M parameters: rrhf's fused update against candle_nn's AdamW.
     Optim {
         #[arg(long, default_value_t = 3)]
         iters: usize,
+    },
+    /// Responses/s of reward-model scoring: the forward LLaMA with a score head, batch 16 × 256 tokens.
+    Score {
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        #[arg(long, default_value = "f32")]
+        dtype: DTypeSpec,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        /// Responses per forward.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Tokens per response (query included).
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
     },
 }
 
@@ -163,6 +183,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Sample(cfg) => {
+            let s = sample(&cfg)?;
+            eprintln!("{s}");
+            Ok(())
+        }
+        Command::Score(cfg) => Ok(rrhf::score::command::run_cli(&cfg)?),
         Command::Logprobs(a) => logprobs(a),
         Command::Convert(a) => convert(a),
         Command::Bench { which } => match which {
@@ -201,6 +227,30 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", format_table(&title, &rows));
                 Ok(())
             }
+            BenchCommand::Generate {
+                device,
+                dtype,
+                prompts,
+                prompt_len,
+                new_tokens,
+                iters,
+            } => {
+                let b = rrhf::bench::GenerateBench {
+                    prompts,
+                    prompt_len,
+                    new_tokens,
+                    iters,
+                    ..rrhf::bench::GenerateBench::default()
+                };
+                let dev = device.open()?;
+                let rows = b.run(&dev, dtype.dtype())?;
+                let title = format!(
+                    "rrhf bench generate: forward-benchmark LLaMA, {} prompts × {} tokens, {} new tokens, {device}, {dtype}",
+                    b.prompts, b.prompt_len, b.new_tokens
+                );
+                print!("{}", format_table(&title, &rows));
+                Ok(())
+            }
             BenchCommand::Optim { iters } => {
                 let (fused, candle) = rrhf::train::optim::bench_adamw(45_000_000, iters)?;
                 println!("rrhf bench optim: AdamW step on 45M f32 parameters (CPU)");
@@ -210,6 +260,15 @@ fn run(cli: Cli) -> Result<()> {
                 println!("speed-up {:.1}×", candle / fused);
                 Ok(())
             }
+            BenchCommand::Score {
+                device,
+                dtype,
+                iters,
+                batch,
+                seq_len,
+            } => Ok(rrhf::score::bench::run_cli(
+                device, dtype, iters, batch, seq_len,
+            )?),
         },
     }
 }

@@ -184,3 +184,70 @@ impl CausalLm {
         Ok(zeros.index_add(&idx, &lp, 0)?.reshape((b, t))?)
     }
 }
+
+/// Incremental decoding with a key/value cache.
+impl CausalLm {
+    /// Layers, key/value heads and head width: the shape of this model's key/value cache.
+    pub fn kv_shape(&self) -> (usize, usize, usize) {
+        match &self.config {
+            ModelConfig::Llama(c) => (c.num_hidden_layers, c.num_key_value_heads, c.head_dim),
+            ModelConfig::Gpt2(c) => (c.n_layer, c.n_head, c.n_embd / c.n_head),
+            ModelConfig::GptNeox(c) => (
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.hidden_size / c.num_attention_heads,
+            ),
+        }
+    }
+
+    /// The largest position id the model can embed plus one, for models with learned positions (GPT-2).
+    pub fn max_positions(&self) -> Option<usize> {
+        match &self.config {
+            ModelConfig::Gpt2(c) => Some(c.n_positions),
+            _ => None,
+        }
+    }
+
+    /// An empty key/value cache for rows whose first real slot is `starts[r]` (left padding), in the layout that
+    /// suits the weights' device.
+    pub fn kv_cache(&self, starts: Vec<usize>) -> super::kv_cache::KvCache {
+        let (layers, kv_heads, head_dim) = self.kv_shape();
+        super::kv_cache::KvCache::new(layers, kv_heads, head_dim, starts, self.lm_head().device())
+    }
+
+    /// Final hidden states `[B, Tq, hidden]` of `ids` (`[B, Tq]`, u32) at `positions` (`[B, Tq]`, u32), attending to
+    /// the cached slots of each row and its own earlier new slots; appends the new keys and values to `cache`.
+    pub fn hidden_step(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        cache: &mut super::kv_cache::KvCache,
+    ) -> Result<Tensor> {
+        if ids.dims2()? != positions.dims2()? || ids.dim(0)? != cache.rows() {
+            return Err(ModelError::Input(format!(
+                "hidden_step: ids {:?}, positions {:?} for a cache of {} rows",
+                ids.dims(),
+                positions.dims(),
+                cache.rows()
+            )));
+        }
+        let (ids, positions) = (ids.to_dtype(DType::U32)?, positions.to_dtype(DType::U32)?);
+        match &self.arch {
+            Arch::Llama(m) => m.hidden_step(&ids, &positions, cache),
+            Arch::Gpt2(m) => m.hidden_step(&ids, &positions, cache),
+            Arch::GptNeox(m) => m.hidden_step(&ids, &positions, cache),
+        }
+    }
+
+    /// Logits (f32, `[B, vocab]`) at the last position of hidden states `[B, T, hidden]`.
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (_, t, _) = hidden.dims3()?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let logits = super::kv_cache::step_linear(&last, self.lm_head(), None)?;
+        Ok(if logits.dtype() == DType::F64 {
+            logits
+        } else {
+            logits.to_dtype(DType::F32)?
+        })
+    }
+}

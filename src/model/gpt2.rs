@@ -101,3 +101,42 @@ impl Gpt2 {
         &self.wte
     }
 }
+
+impl Gpt2 {
+    /// Final hidden states `[B, Tq, n_embd]` of `ids` (`[B, Tq]`) at `positions` (`[B, Tq]`), attending to the
+    /// rows' cached keys and values, which this call extends (incremental decoding; see [`KvCache`]).
+    ///
+    /// [`KvCache`]: super::kv_cache::KvCache
+    pub fn hidden_step(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        cache: &mut super::kv_cache::KvCache,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = &self.cfg;
+        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
+        let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
+        let mut x = (tok + pos)?.reshape((b, t, c.n_embd))?;
+        let hd = c.n_embd / c.n_head;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let mut scale = if c.scale_attn_weights {
+                1.0 / (hd as f64).sqrt()
+            } else {
+                1.0
+            };
+            if c.scale_attn_by_inverse_layer_idx {
+                scale /= (i + 1) as f64;
+            }
+            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x)?)?;
+            let q = split_heads(&qkv.narrow(2, 0, c.n_embd)?, c.n_head, hd)?;
+            let k = split_heads(&qkv.narrow(2, c.n_embd, c.n_embd)?, c.n_head, hd)?;
+            let v = split_heads(&qkv.narrow(2, 2 * c.n_embd, c.n_embd)?, c.n_head, hd)?;
+            let a = merge_heads(&cache.attend(i, &q, &k, &v, scale)?)?;
+            x = (x + blk.attn_proj.forward(&a)?)?;
+            let m = activate(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?, c.activation)?;
+            x = (x + blk.mlp_proj.forward(&m)?)?;
+        }
+        self.ln_f.forward(&x)
+    }
+}

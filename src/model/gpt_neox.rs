@@ -138,3 +138,53 @@ impl GptNeox {
         &self.embed_out
     }
 }
+
+impl GptNeox {
+    /// Final hidden states `[B, Tq, hidden]` of `ids` (`[B, Tq]`) at `positions` (`[B, Tq]`), attending to the
+    /// rows' cached keys and values, which this call extends (incremental decoding; see [`KvCache`]).
+    ///
+    /// [`KvCache`]: super::kv_cache::KvCache
+    pub fn hidden_step(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        cache: &mut super::kv_cache::KvCache,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = &self.cfg;
+        let nh = c.num_attention_heads;
+        let hd = c.hidden_size / nh;
+        let mut x = self
+            .embed_in
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, c.hidden_size))?;
+        let rotary = Rotary::new(&self.inv_freq, positions, x.dtype())?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let step = |l: &Linear, x: &Tensor| super::kv_cache::step_linear(x, &l.weight, l.bias.as_ref());
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            let qkv = step(&blk.query_key_value, &blk.input_layernorm.forward(&x)?)?
+                .reshape((b, t, nh, 3 * hd))?
+                .transpose(1, 2)?;
+            let q = rotary.apply(&qkv.narrow(D::Minus1, 0, hd)?)?;
+            let k = rotary.apply(&qkv.narrow(D::Minus1, hd, hd)?)?;
+            let v = qkv.narrow(D::Minus1, 2 * hd, hd)?;
+            let a = step(
+                &blk.dense,
+                &merge_heads(&cache.attend(layer, &q, &k, &v, scale)?)?,
+            )?;
+            let mlp = |inp: &Tensor| -> Result<Tensor> {
+                let m = activate(&step(&blk.dense_h_to_4h, inp)?, c.hidden_act)?;
+                step(&blk.dense_4h_to_h, &m)
+            };
+            x = if c.use_parallel_residual {
+                let m = mlp(&blk.post_attention_layernorm.forward(&x)?)?;
+                ((x + a)? + m)?
+            } else {
+                let x1 = (x + a)?;
+                let m = mlp(&blk.post_attention_layernorm.forward(&x1)?)?;
+                (x1 + m)?
+            };
+        }
+        self.final_layer_norm.forward(&x)
+    }
+}

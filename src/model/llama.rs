@@ -123,3 +123,40 @@ impl Llama {
         &self.lm_head
     }
 }
+
+impl Llama {
+    /// Final hidden states `[B, Tq, hidden]` of `ids` (`[B, Tq]`) at `positions` (`[B, Tq]`), attending to the
+    /// rows' cached keys and values, which this call extends (incremental decoding; see [`KvCache`]).
+    ///
+    /// [`KvCache`]: super::kv_cache::KvCache
+    pub fn hidden_step(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        cache: &mut super::kv_cache::KvCache,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = &self.cfg;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, c.hidden_size))?;
+        let rotary = Rotary::new(&self.inv_freq, positions, x.dtype())?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let step = |l: &Linear, x: &Tensor| super::kv_cache::step_linear(x, &l.weight, l.bias.as_ref());
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            let hs = blk.input_layernorm.forward(&x)?;
+            let q = split_heads(&step(&blk.q_proj, &hs)?, c.num_attention_heads, c.head_dim)?;
+            let k = split_heads(&step(&blk.k_proj, &hs)?, c.num_key_value_heads, c.head_dim)?;
+            let v = split_heads(&step(&blk.v_proj, &hs)?, c.num_key_value_heads, c.head_dim)?;
+            let (q, k) = (rotary.apply(&q)?, rotary.apply(&k)?);
+            let a = merge_heads(&cache.attend(layer, &q, &k, &v, scale)?)?;
+            x = (x + step(&blk.o_proj, &a)?)?;
+            let hs = blk.post_attention_layernorm.forward(&x)?;
+            let gate = step(&blk.gate_proj, &hs)?;
+            let up = step(&blk.up_proj, &hs)?;
+            x = (x + step(&blk.down_proj, &gated(&gate, &up, c.hidden_act)?)?)?;
+        }
+        self.norm.forward(&x)
+    }
+}

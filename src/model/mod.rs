@@ -1,5 +1,6 @@
 //! The model layer: Hugging Face configs and weights, GGUF input, and differentiable causal LM forwards.
 
+pub mod bert;
 pub mod causal_lm;
 pub mod config;
 pub mod error;
@@ -7,12 +8,15 @@ pub mod fused;
 pub mod fused_elementwise;
 pub mod gguf;
 pub mod gpt2;
+pub mod gpt_j;
 pub mod gpt_neox;
 pub mod init;
 pub mod input;
+pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod load;
+pub mod reward;
 pub mod save;
 pub mod tokenizer;
 pub mod weights;

@@ -1,5 +1,6 @@
 //! Integration tests (one binary: each file in tests/ would link its own).
 
+mod client;
 mod common;
 mod data;
 mod errors;
@@ -7,7 +8,9 @@ mod gradients;
 mod loss;
 mod packing;
 mod reference;
+mod sample;
 mod save;
+mod score;
 mod smollm2;
 mod tokenizer;
 mod train;

@@ -1,0 +1,490 @@
+//! The generation engine: batched, KV-cached decoding with Hugging Face `generate` semantics.
+//!
+//! All prompts of a call are prefilled in one forward (left padded; position ids = cumsum(mask) − 1, pad keys
+//! masked), then every step feeds one token per live sequence (prompts × beams or × samples) in one forward.
+//! Sequences that can no longer change (finished rows, prompts whose beam search is decided) leave the batch.
+//! The search rules live in `strategy_*.rs`; the model side in [`Decoder`].
+
+use std::fmt;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+
+use crate::model::error::{ModelError, Result};
+use crate::model::kv_cache::KvCache;
+use crate::model::CausalLm;
+
+use super::strategy_beam;
+use super::strategy_group;
+use super::strategy_sample::{self, Warper};
+
+/// When beam search stops (Hugging Face's `early_stopping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlyStopping {
+    /// Stop a prompt as soon as `num_beams` hypotheses are finished.
+    True,
+    /// Stop when the best running beam, at its current length, cannot beat the worst finished hypothesis.
+    False,
+    /// As `False`, but with a positive length penalty judge the running beam at the maximum length (canonical
+    /// beam search).
+    Never,
+}
+
+/// A decoding strategy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Strategy {
+    /// The most likely token at every step.
+    Greedy,
+    /// Beam search (transformers ≥ 4.50 `_beam_search`); `num_beams == 1` is greedy.
+    Beam {
+        num_beams: usize,
+        length_penalty: f64,
+        early_stopping: EarlyStopping,
+    },
+    /// Group (diverse) beam search with Hamming diversity (transformers 4.x `_group_beam_search`);
+    /// `num_beam_groups == 1` is beam search.
+    DiverseBeam {
+        num_beams: usize,
+        num_beam_groups: usize,
+        diversity_penalty: f64,
+        length_penalty: f64,
+        early_stopping: EarlyStopping,
+    },
+    /// Multinomial sampling from `softmax(logits / temperature)` after top-k and top-p filtering (in that order,
+    /// as transformers' warpers). `top_k: None` or `Some(0)` and `top_p: 1.0` disable the filters.
+    Sample {
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: f64,
+    },
+}
+
+/// A check on a sequence's new token ids (e.g. stop strings on the decoded text); `true` ends the sequence.
+pub type StopCheck = Arc<dyn Fn(&[u32]) -> bool + Send + Sync>;
+
+/// Options of [`generate`].
+#[derive(Clone)]
+pub struct GenerateOptions {
+    pub strategy: Strategy,
+    /// Results per prompt: ≤ `num_beams` for beam strategies (the best ones); independent samples for `Sample`;
+    /// 1 for `Greedy`.
+    pub num_return_sequences: usize,
+    pub max_new_tokens: usize,
+    /// Generation of a sequence stops at any of these ids (`generation_config.eos_token_id`); the id is kept.
+    pub stop_ids: Vec<u32>,
+    /// The pad id: fills left padding, and finished beam groups emit it (it then counts in the diversity
+    /// penalty of later groups, as in transformers).
+    pub pad_id: u32,
+    /// Seed of `Sample`: sample `j` of prompt `i` draws from its own stream of (seed, i, j), so results do not
+    /// depend on which other sequences share the batch.
+    pub seed: u64,
+    /// Optional early stop on content (stop strings): called with a sequence's new ids; `true` = finished, the
+    /// last token kept. In beam search a candidate it accepts finishes like one ending in a stop id.
+    pub stop_check: Option<StopCheck>,
+}
+
+impl fmt::Debug for GenerateOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GenerateOptions")
+            .field("strategy", &self.strategy)
+            .field("num_return_sequences", &self.num_return_sequences)
+            .field("max_new_tokens", &self.max_new_tokens)
+            .field("stop_ids", &self.stop_ids)
+            .field("pad_id", &self.pad_id)
+            .field("seed", &self.seed)
+            .field("stop_check", &self.stop_check.as_ref().map(|_| "<fn>"))
+            .finish()
+    }
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::Greedy,
+            num_return_sequences: 1,
+            max_new_tokens: 128,
+            stop_ids: Vec::new(),
+            pad_id: 0,
+            seed: 0,
+            stop_check: None,
+        }
+    }
+}
+
+/// One generated sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// New tokens only (a final stop id included).
+    pub ids: Vec<u32>,
+    /// Σ log P(token | prefix) under the model (plain log-softmax of the logits: no temperature, no filtering,
+    /// no diversity penalty).
+    pub logprob_sum: f64,
+    /// Beam strategies: transformers' sequence score (accumulated processed log-probs, diversity penalties
+    /// included, divided by `len^length_penalty`); otherwise `logprob_sum`.
+    pub score: f64,
+    /// The sequence ended at a stop id or by `stop_check` (not by `max_new_tokens`).
+    pub finished: bool,
+}
+
+/// Generates for a batch of prompts (token ids, any lengths ≥ 1); returns, per prompt, `num_return_sequences`
+/// results in transformers' order (best beam first for beam search).
+pub fn generate(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<Vec<Vec<Generated>>> {
+    let n = opts.num_return_sequences;
+    validate(model, prompts, opts)?;
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    if opts.max_new_tokens == 0 {
+        let empty = Generated {
+            ids: Vec::new(),
+            logprob_sum: 0.0,
+            score: 0.0,
+            finished: false,
+        };
+        return Ok(vec![vec![empty; n]; prompts.len()]);
+    }
+    match &opts.strategy {
+        Strategy::Greedy => strategy_sample::run(model, prompts, opts, None),
+        Strategy::Beam { num_beams: 1, .. } => strategy_sample::run(model, prompts, opts, None),
+        Strategy::DiverseBeam {
+            num_beams: 1,
+            num_beam_groups: 1,
+            ..
+        } => strategy_sample::run(model, prompts, opts, None),
+        Strategy::Sample {
+            temperature,
+            top_k,
+            top_p,
+        } => {
+            let w = Warper::new(*temperature, *top_k, *top_p)?;
+            strategy_sample::run(model, prompts, opts, Some(w))
+        }
+        Strategy::Beam {
+            num_beams,
+            length_penalty,
+            early_stopping,
+        } => strategy_beam::run(
+            model,
+            prompts,
+            opts,
+            *num_beams,
+            *length_penalty,
+            *early_stopping,
+        ),
+        Strategy::DiverseBeam {
+            num_beams,
+            num_beam_groups: 1,
+            length_penalty,
+            early_stopping,
+            ..
+        } => strategy_beam::run(
+            model,
+            prompts,
+            opts,
+            *num_beams,
+            *length_penalty,
+            *early_stopping,
+        ),
+        Strategy::DiverseBeam {
+            num_beams,
+            num_beam_groups,
+            diversity_penalty,
+            length_penalty,
+            early_stopping,
+        } => strategy_group::run(
+            model,
+            prompts,
+            opts,
+            strategy_group::GroupParams {
+                num_beams: *num_beams,
+                groups: *num_beam_groups,
+                diversity_penalty: *diversity_penalty,
+                length_penalty: *length_penalty,
+                early_stopping: *early_stopping,
+            },
+        ),
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ModelError {
+    ModelError::Input(msg.into())
+}
+
+fn validate(model: &CausalLm, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<()> {
+    let n = opts.num_return_sequences;
+    if n == 0 {
+        return Err(bad("num_return_sequences must be at least 1"));
+    }
+    let beams = match &opts.strategy {
+        Strategy::Greedy => {
+            if n != 1 {
+                return Err(bad(format!(
+                    "greedy decoding returns one sequence per prompt, not {n}: use beam search or sampling"
+                )));
+            }
+            1
+        }
+        Strategy::Beam {
+            num_beams,
+            length_penalty,
+            ..
+        } => {
+            if *num_beams == 0 || !length_penalty.is_finite() {
+                return Err(bad(format!(
+                    "beam search needs num_beams ≥ 1 and a finite length penalty (got {num_beams}, {length_penalty})"
+                )));
+            }
+            *num_beams
+        }
+        Strategy::DiverseBeam {
+            num_beams,
+            num_beam_groups,
+            diversity_penalty,
+            length_penalty,
+            ..
+        } => {
+            if *num_beams == 0
+                || *num_beam_groups == 0
+                || num_beam_groups > num_beams
+                || num_beams % num_beam_groups != 0
+            {
+                return Err(bad(format!(
+                    "diverse beam search needs num_beams divisible by num_beam_groups, and groups ≤ beams \
+                     (got {num_beams} beams, {num_beam_groups} groups)"
+                )));
+            }
+            if !diversity_penalty.is_finite() || !length_penalty.is_finite() {
+                return Err(bad("diversity and length penalties must be finite"));
+            }
+            *num_beams
+        }
+        Strategy::Sample {
+            temperature, top_p, ..
+        } => {
+            Warper::new(*temperature, None, *top_p)?;
+            usize::MAX
+        }
+    };
+    if n > beams {
+        return Err(bad(format!(
+            "num_return_sequences ({n}) cannot exceed num_beams ({beams})"
+        )));
+    }
+    let vocab = model.config().vocab_size();
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(bad(format!(
+                "prompt {i} is empty: generation needs at least one token (e.g. BOS)"
+            )));
+        }
+        if let Some(&t) = p.iter().find(|&&t| t as usize >= vocab) {
+            return Err(bad(format!(
+                "prompt {i}: token id {t} is outside the vocabulary ({vocab})"
+            )));
+        }
+        if let Some(max) = model.max_positions() {
+            if p.len() + opts.max_new_tokens > max + 1 {
+                return Err(bad(format!(
+                    "prompt {i}: {} tokens + {} new tokens exceed the model's {max} positions",
+                    p.len(),
+                    opts.max_new_tokens
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The model side of generation: prefill, one-token steps and row selection over a KV cache.
+pub struct Decoder<'a> {
+    model: &'a CausalLm,
+    cache: KvCache,
+    /// Position id of each live row's next token.
+    pos: Vec<u32>,
+    vocab: usize,
+}
+
+impl<'a> Decoder<'a> {
+    /// Runs all prompts (left padded with `pad_id`, or id 0 if that is not a token) through the model in one
+    /// forward; returns the decoder with one row per prompt and the next-token logits `[prompts × vocab]`.
+    pub fn prefill(
+        model: &'a CausalLm,
+        prompts: &[Vec<u32>],
+        pad_id: u32,
+    ) -> Result<(Self, Logits)> {
+        Self::prefill_with(model, prompts, pad_id, None)
+    }
+
+    /// As [`Decoder::prefill`] with a given cache (e.g. [`KvCache::new_tensor`] to test the other layout).
+    pub fn prefill_with(
+        model: &'a CausalLm,
+        prompts: &[Vec<u32>],
+        pad_id: u32,
+        cache: Option<KvCache>,
+    ) -> Result<(Self, Logits)> {
+        let vocab = model.config().vocab_size();
+        let pad = if (pad_id as usize) < vocab { pad_id } else { 0 };
+        let b = prompts.len();
+        let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let starts: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
+        let mut ids = Vec::with_capacity(b * t);
+        let mut pos = Vec::with_capacity(b * t);
+        for (p, &s) in prompts.iter().zip(&starts) {
+            ids.extend(std::iter::repeat_n(pad, s));
+            ids.extend_from_slice(p);
+            pos.extend(std::iter::repeat_n(0u32, s));
+            pos.extend(0..p.len() as u32);
+        }
+        let device = model.lm_head().device();
+        let ids = Tensor::from_vec(ids, (b, t), device)?;
+        let positions = Tensor::from_vec(pos, (b, t), device)?;
+        let mut cache = cache.unwrap_or_else(|| model.kv_cache(starts));
+        let hidden = model.hidden_step(&ids, &positions, &mut cache)?;
+        let logits = Logits::from_tensor(&model.last_logits(&hidden)?, vocab)?;
+        let dec = Self {
+            model,
+            cache,
+            pos: prompts.iter().map(|p| p.len() as u32).collect(),
+            vocab,
+        };
+        Ok((dec, logits))
+    }
+
+    /// Live rows.
+    pub fn rows(&self) -> usize {
+        self.pos.len()
+    }
+
+    /// Keeps rows `idx` in that order (repeats allowed): row `i` continues old row `idx[i]`.
+    pub fn select(&mut self, idx: &[usize]) -> Result<()> {
+        self.cache.select_rows(idx)?;
+        self.pos = idx.iter().map(|&i| self.pos[i]).collect();
+        Ok(())
+    }
+
+    /// Feeds one token per live row; returns the next-token logits `[rows × vocab]`.
+    pub fn step(&mut self, tokens: &[u32]) -> Result<Logits> {
+        let b = self.rows();
+        if tokens.len() != b {
+            return Err(bad(format!("{} tokens for {b} rows", tokens.len())));
+        }
+        let device = self.model.lm_head().device();
+        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), device)?;
+        let positions = Tensor::from_vec(self.pos.clone(), (b, 1), device)?;
+        let hidden = self.model.hidden_step(&ids, &positions, &mut self.cache)?;
+        for p in &mut self.pos {
+            *p += 1;
+        }
+        Logits::from_tensor(&self.model.last_logits(&hidden)?, self.vocab)
+    }
+}
+
+/// Next-token logits of the live rows, on the host.
+#[derive(Debug, Clone)]
+pub struct Logits {
+    data: Vec<f32>,
+    vocab: usize,
+}
+
+impl Logits {
+    fn from_tensor(t: &Tensor, vocab: usize) -> Result<Self> {
+        let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self { data, vocab })
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.vocab..(r + 1) * self.vocab]
+    }
+
+    /// Rows `idx` (repeats allowed).
+    pub fn select(&self, idx: &[usize]) -> Self {
+        let mut data = Vec::with_capacity(idx.len() * self.vocab);
+        for &i in idx {
+            data.extend_from_slice(self.row(i));
+        }
+        Self {
+            data,
+            vocab: self.vocab,
+        }
+    }
+}
+
+/// `log Σ exp(row)` (accumulated in f64).
+pub fn logsumexp(row: &[f32]) -> f32 {
+    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !mx.is_finite() {
+        return mx;
+    }
+    let s: f64 = row.iter().map(|&x| ((x - mx) as f64).exp()).sum();
+    mx + s.ln() as f32
+}
+
+/// Log-softmax of `row` in f32, as torch computes it: `x − max − log Σ exp(x − max)`.
+pub fn log_softmax_into(row: &[f32], out: &mut Vec<f32>) {
+    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f64 = row.iter().map(|&x| ((x - mx) as f64).exp()).sum();
+    let lse = s.ln() as f32;
+    out.clear();
+    out.extend(row.iter().map(|&x| (x - mx) - lse));
+}
+
+/// Whether a sequence whose new ids are `ids` (last one just chosen) stops.
+pub(crate) fn hits_stop(opts: &GenerateOptions, ids: &[u32]) -> bool {
+    ids.last().is_some_and(|t| opts.stop_ids.contains(t))
+        || opts.stop_check.as_ref().is_some_and(|f| f(ids))
+}
+
+/// The best `k` of `(score, index)` pairs fed in any order: sorted by score descending, then index ascending.
+pub(crate) struct TopK {
+    k: usize,
+    items: Vec<(f32, usize)>,
+}
+
+impl TopK {
+    pub(crate) fn new(k: usize) -> Self {
+        Self {
+            k,
+            items: Vec::with_capacity(k + 1),
+        }
+    }
+
+    /// The score a candidate must beat to enter (−∞ while not full).
+    #[inline]
+    pub(crate) fn floor(&self) -> f32 {
+        if self.items.len() < self.k {
+            f32::NEG_INFINITY
+        } else {
+            self.items[self.k - 1].0
+        }
+    }
+
+    /// Offers one candidate; indices must be offered in increasing order (ties keep the earlier one first).
+    #[inline]
+    pub(crate) fn push(&mut self, score: f32, index: usize) {
+        if self.k == 0 || (self.items.len() >= self.k && score <= self.floor()) || score.is_nan() {
+            return;
+        }
+        let at = self.items.partition_point(|&(s, _)| s >= score);
+        self.items.insert(at, (score, index));
+        self.items.truncate(self.k);
+    }
+
+    /// Offers `base + row[v]` for every v, as indices `offset + v`.
+    pub(crate) fn push_row(&mut self, row: &[f32], base: f32, offset: usize) {
+        for (v, &x) in row.iter().enumerate() {
+            let s = base + x;
+            if s > self.floor() || self.items.len() < self.k {
+                self.push(s, offset + v);
+            }
+        }
+    }
+
+    pub(crate) fn into_sorted(self) -> Vec<(f32, usize)> {
+        self.items
+    }
+}
