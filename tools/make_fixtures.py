@@ -416,6 +416,25 @@ def maxdiff(a, b):
     return (a - b).abs().max().item()
 
 
+# Gradients are recorded for a handful of parameters per model (every kind of layer on the gradient path: an attention
+# projection, an MLP matrix, a norm, the embedding and the output layer); all of them would not fit in 2 MB.
+GRAD_PARAMS = {
+    "llama": ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+              "model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight",
+              "model.layers.1.post_attention_layernorm.weight", "model.norm.weight", "lm_head.weight"],
+    "llama_tied": ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                   "model.layers.1.input_layernorm.weight"],
+    "gpt2": ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight",
+             "transformer.h.1.mlp.c_proj.weight", "transformer.h.1.ln_2.bias", "transformer.ln_f.weight"],
+    "gpt_neox": ["gpt_neox.embed_in.weight", "gpt_neox.layers.0.attention.query_key_value.weight",
+                 "gpt_neox.layers.1.mlp.dense_4h_to_h.weight", "gpt_neox.layers.1.post_attention_layernorm.bias",
+                 "gpt_neox.final_layer_norm.weight", "embed_out.weight"],
+    "gpt_neox_seq": ["gpt_neox.layers.0.attention.query_key_value.weight",
+                     "gpt_neox.layers.1.mlp.dense_4h_to_h.weight",
+                     "gpt_neox.layers.1.post_attention_layernorm.weight"],
+}
+
+
 def run_case(model, name, c, want_grads):
     ids, pos, real = c["input_ids"], c["position_ids"], c["real"]
     # Canonical run: the exact mask the Rust side receives, as a 4D additive float mask.
@@ -428,9 +447,10 @@ def run_case(model, name, c, want_grads):
     out["loss"] = loss.detach().clone().reshape(())
     if want_grads:
         loss.backward()
-        for pname, p in model.named_parameters():
-            assert p.grad is not None, pname
-            out["grad." + pname] = p.grad.detach().clone()
+        params = dict(model.named_parameters())
+        for pname in want_grads:
+            assert params[pname].grad is not None, pname
+            out["grad." + pname] = params[pname].grad.detach().clone()
         model.zero_grad(set_to_none=True)
 
     with torch.no_grad():
@@ -480,7 +500,7 @@ def save_model_dir(name, config, with_long_pos, hf_tok, seed, grad_cases):
         cases = {k: v for k, v in cases.items() if k not in ("left_pad", "right_pad")}
     tensors = {}
     for cname, c in cases.items():
-        out = run_case(model, cname, c, cname in grad_cases)
+        out = run_case(model, cname, c, GRAD_PARAMS[name] if cname in grad_cases else [])
         for field, t in out.items():
             t = t.contiguous()
             if field in ("mask", "real"):
