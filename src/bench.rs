@@ -212,7 +212,11 @@ impl GenerateBench {
         let mut rng = Rng::new(1);
         let vocab = cfg.vocab_size() as u64;
         let prompts: Vec<Vec<u32>> = (0..self.prompts)
-            .map(|_| (0..self.prompt_len).map(|_| rng.below(vocab) as u32).collect())
+            .map(|_| {
+                (0..self.prompt_len)
+                    .map(|_| rng.below(vocab) as u32)
+                    .collect()
+            })
             .collect();
         let mut rows = Vec::new();
         for (name, strategy) in self.strategies() {

@@ -1,6 +1,10 @@
 """transformers `generate` reference for `rrhf bench generate`: the same LLaMA, shape and strategies.
 
 Usage: python3 tools/bench_generate.py [--prompts 4] [--prompt-len 64] [--new-tokens 64] [--iters 1]
+                                      [--rrhf target/release/rrhf]
+
+With --rrhf it first runs `rrhf bench generate` with the same shape and iterations, prints both tables and the
+ratios (rrhf tokens/s over transformers tokens/s), so both numbers come from the same machine in the same run.
 
 The model is the forward benchmark's LLaMA (hidden 512, 8 layers, 8 heads, vocab 32000) with random weights (seed 0),
 f32 on the CPU, default (sdpa) attention, KV cache on. `min_new_tokens = max_new_tokens`, so every sequence has
@@ -10,6 +14,7 @@ needs the network: that row then reads "n/a". Run the script with a 4.x interpre
 tools/make_generate_fixtures.py) to time it.
 """
 import argparse
+import subprocess
 import time
 
 import torch
@@ -26,7 +31,19 @@ def main():
     ap.add_argument("--num-beam-groups", type=int, default=4)
     ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--only", default=None, help="comma-separated subset: greedy,beam,diverse")
+    ap.add_argument("--rrhf", default=None, help="path of the rrhf binary: run `rrhf bench generate` too")
     a = ap.parse_args()
+    rrhf_rows = {}
+    if a.rrhf:
+        out = subprocess.run([a.rrhf, "bench", "generate", "--prompts", str(a.prompts), "--prompt-len",
+                              str(a.prompt_len), "--new-tokens", str(a.new_tokens), "--iters", str(a.iters)],
+                             check=True, capture_output=True, text=True).stdout
+        print(out, end="")
+        for line in out.splitlines()[2:]:
+            parts = line.rsplit(None, 2)
+            if len(parts) == 3:
+                rrhf_rows[parts[0].strip()] = float(parts[2])
+        print()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -48,6 +65,7 @@ def main():
           f"{model.config._attn_implementation} attention, f32, {a.prompts} prompts x {a.prompt_len} tokens, "
           f"{a.new_tokens} new tokens")
     print(f"{'pass':<20} {'seconds':>10} {'tokens/s':>12}")
+    hf_rows = {}
     for key, name, kw in strategies:
         if only and key not in only:
             continue
@@ -71,6 +89,14 @@ def main():
         ts.sort()
         s = ts[len(ts) // 2]
         print(f"{name:<20} {s:>10.3f} {a.prompts * a.new_tokens / s:>12.1f}")
+        hf_rows[name] = a.prompts * a.new_tokens / s
+    if rrhf_rows:
+        print(f"\n{'pass':<20} {'rrhf tok/s':>12} {'hf tok/s':>12} {'ratio':>8}")
+        for name, r in rrhf_rows.items():
+            h = hf_rows.get(name)
+            ratio = f"{r / h:>7.2f}x" if h else f"{'n/a':>8}"
+            hs = f"{h:>12.1f}" if h else f"{'n/a':>12}"
+            print(f"{name:<20} {r:>12.1f} {hs} {ratio}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generation fixtures for rrhf's generator: transformers `generate` token ids on the tiny fixture models.
 
-Writes tests/fixtures/generate/generate.json (see tests/fixtures/generate/README.md).
+Writes tests/fixtures/generate/generate.json (format: tests/fixtures/generate/README.md). Deterministic.
 
   tools/.venv/bin/python tools/make_generate_fixtures.py [--old-python /tmp/venv-tf445/bin/python]
 

@@ -160,7 +160,8 @@ impl GptNeox {
             .reshape((b, t, c.hidden_size))?;
         let rotary = Rotary::new(&self.inv_freq, positions, x.dtype())?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let step = |l: &Linear, x: &Tensor| super::kv_cache::step_linear(x, &l.weight, l.bias.as_ref());
+        let step =
+            |l: &Linear, x: &Tensor| super::kv_cache::step_linear(x, &l.weight, l.bias.as_ref());
         for (layer, blk) in self.blocks.iter().enumerate() {
             let qkv = step(&blk.query_key_value, &blk.input_layernorm.forward(&x)?)?
                 .reshape((b, t, nh, 3 * hd))?

@@ -135,6 +135,9 @@ impl Llama {
         positions: &Tensor,
         cache: &mut super::kv_cache::KvCache,
     ) -> Result<Tensor> {
+        if let Some(h) = self.hidden_step_host(ids, positions, cache)? {
+            return Ok(h);
+        }
         let (b, t) = ids.dims2()?;
         let c = &self.cfg;
         let mut x = self
@@ -143,7 +146,8 @@ impl Llama {
             .reshape((b, t, c.hidden_size))?;
         let rotary = Rotary::new(&self.inv_freq, positions, x.dtype())?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let step = |l: &Linear, x: &Tensor| super::kv_cache::step_linear(x, &l.weight, l.bias.as_ref());
+        let step =
+            |l: &Linear, x: &Tensor| super::kv_cache::step_linear(x, &l.weight, l.bias.as_ref());
         for (layer, blk) in self.blocks.iter().enumerate() {
             let hs = blk.input_layernorm.forward(&x)?;
             let q = split_heads(&step(&blk.q_proj, &hs)?, c.num_attention_heads, c.head_dim)?;
@@ -158,5 +162,172 @@ impl Llama {
             x = (x + step(&blk.down_proj, &gated(&gate, &up, c.hidden_act)?)?)?;
         }
         self.norm.forward(&x)
+    }
+}
+
+/// Host-side decoding step (CPU, f32, a few rows): the same computation as [`Llama::hidden_step`] on host
+/// slices, with the weights read in place. A step is bound by reading the weights; composed tensor ops would add
+/// some 40 small allocations and dispatches per layer.
+impl Llama {
+    fn hidden_step_host(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        cache: &mut super::kv_cache::KvCache,
+    ) -> Result<Option<Tensor>> {
+        use super::config::Activation;
+        use super::kv_cache::{matmul_rows, AttnDims, HostF32, STEP_ROWS_MAX};
+        let (b, t) = ids.dims2()?;
+        let m = b * t;
+        let c = &self.cfg;
+        if !cache.is_host() || m > STEP_ROWS_MAX || c.hidden_act != Activation::Silu {
+            return Ok(None);
+        }
+        let host = HostF32::new;
+        let Some(emb) = host(&self.embed_tokens) else {
+            return Ok(None);
+        };
+        fn opt(l: &Linear) -> Option<(HostF32<'_>, Option<HostF32<'_>>)> {
+            let w = HostF32::new(&l.weight)?;
+            let b = match &l.bias {
+                Some(b) => Some(HostF32::new(b)?),
+                None => None,
+            };
+            Some((w, b))
+        }
+        struct HostBlock<'a> {
+            ln1: HostF32<'a>,
+            q: (HostF32<'a>, Option<HostF32<'a>>),
+            k: (HostF32<'a>, Option<HostF32<'a>>),
+            v: (HostF32<'a>, Option<HostF32<'a>>),
+            o: (HostF32<'a>, Option<HostF32<'a>>),
+            ln2: HostF32<'a>,
+            gate: (HostF32<'a>, Option<HostF32<'a>>),
+            up: (HostF32<'a>, Option<HostF32<'a>>),
+            down: (HostF32<'a>, Option<HostF32<'a>>),
+        }
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for blk in &self.blocks {
+            let hb = (|| {
+                Some(HostBlock {
+                    ln1: host(&blk.input_layernorm.weight)?,
+                    q: opt(&blk.q_proj)?,
+                    k: opt(&blk.k_proj)?,
+                    v: opt(&blk.v_proj)?,
+                    o: opt(&blk.o_proj)?,
+                    ln2: host(&blk.post_attention_layernorm.weight)?,
+                    gate: opt(&blk.gate_proj)?,
+                    up: opt(&blk.up_proj)?,
+                    down: opt(&blk.down_proj)?,
+                })
+            })();
+            match hb {
+                Some(hb) => blocks.push(hb),
+                None => return Ok(None),
+            }
+        }
+        let Some(norm) = host(&self.norm.weight) else {
+            return Ok(None);
+        };
+        let hs = c.hidden_size;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        let pos = positions.flatten_all()?.to_vec1::<u32>()?;
+        let emb = emb.get();
+        let mut x = Vec::with_capacity(m * hs);
+        for &id in &ids {
+            let id = id as usize;
+            if id >= c.vocab_size {
+                return Err(super::error::ModelError::Input(format!(
+                    "token id {id} is outside the vocabulary ({})",
+                    c.vocab_size
+                )));
+            }
+            x.extend_from_slice(&emb[id * hs..(id + 1) * hs]);
+        }
+        // Rotary tables per row: angles in f32 as transformers (position · inv_freq).
+        let half = self.inv_freq.len();
+        let inv: Vec<f32> = self.inv_freq.iter().map(|&f| f as f32).collect();
+        let mut cos = Vec::with_capacity(m * half);
+        let mut sin = Vec::with_capacity(m * half);
+        for &p in &pos {
+            for &f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let rope = |xs: &mut [f32], heads: usize| {
+            for (row, chunk) in xs.chunks_exact_mut(heads * hd).enumerate() {
+                let (cr, sr) = (
+                    &cos[row * half..(row + 1) * half],
+                    &sin[row * half..(row + 1) * half],
+                );
+                for head in chunk.chunks_exact_mut(hd) {
+                    for j in 0..half {
+                        let (x1, x2) = (head[j], head[j + half]);
+                        head[j] = x1 * cr[j] - x2 * sr[j];
+                        head[j + half] = x2 * cr[j] + x1 * sr[j];
+                    }
+                }
+            }
+        };
+        let eps = c.rms_norm_eps;
+        let rms = |xs: &[f32], w: &[f32]| -> Vec<f32> {
+            let mut out = Vec::with_capacity(xs.len());
+            for row in xs.chunks_exact(hs) {
+                let var = row.iter().map(|v| v * v).sum::<f32>() / hs as f32;
+                let d = (var + eps as f32).sqrt();
+                out.extend(row.iter().zip(w).map(|(v, g)| (v / d) * g));
+            }
+            out
+        };
+        let lin = |xs: &[f32], k: usize, l: &(HostF32, Option<HostF32>)| -> Vec<f32> {
+            let mut y = matmul_rows(xs, m, k, l.0.get());
+            if let Some(bias) = &l.1 {
+                let bias = bias.get();
+                for row in y.chunks_exact_mut(bias.len()) {
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        *v += b;
+                    }
+                }
+            }
+            y
+        };
+        let dims = AttnDims {
+            rows: b,
+            tq: t,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (layer, blk) in blocks.iter().enumerate() {
+            let h1 = rms(&x, blk.ln1.get());
+            let mut q = lin(&h1, hs, &blk.q);
+            let mut k = lin(&h1, hs, &blk.k);
+            let v = lin(&h1, hs, &blk.v);
+            if half > 0 {
+                rope(&mut q, nh);
+                rope(&mut k, nkv);
+            }
+            let a = cache.attend_rows(layer, &q, &k, &v, dims, scale)?;
+            let o = lin(&a, nh * hd, &blk.o);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let h2 = rms(&x, blk.ln2.get());
+            let mut g = lin(&h2, hs, &blk.gate);
+            let u = lin(&h2, hs, &blk.up);
+            g.iter_mut()
+                .zip(&u)
+                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            let d = lin(&g, c.intermediate_size, &blk.down);
+            x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+        }
+        let x = rms(&x, norm.get());
+        Ok(Some(Tensor::from_vec(
+            x,
+            (b, t, hs),
+            self.embed_tokens.device(),
+        )?))
     }
 }

@@ -256,7 +256,7 @@ pub fn run(
                         grp.add(gs, p.length_penalty, &b, steps_run, false);
                     }
                 }
-                all.extend(grp.hyps.drain(..));
+                all.append(&mut grp.hyps);
             }
             // Python: sorted ascending (stable), then pop from the end.
             all.sort_by(|a, b| a.score.total_cmp(&b.score));
