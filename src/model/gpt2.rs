@@ -5,7 +5,9 @@ use candle_core::Tensor;
 use super::config::Gpt2Config;
 use super::error::Result;
 use super::input::Input;
-use super::layers::{activate, attention, merge_heads, split_heads, AttnMask, Conv1D, LayerNorm};
+use super::layers::{
+    activate, attention, merge_heads, split_heads, Attend, AttnMask, Conv1D, LayerNorm,
+};
 use super::weights::Weights;
 
 #[derive(Debug, Clone)]
@@ -68,12 +70,20 @@ impl Gpt2 {
 
     /// Final hidden states `[B, T, n_embd]` after `ln_f`.
     pub fn hidden(&self, input: &Input) -> Result<Tensor> {
-        let (b, t) = input.dims();
-        let c = &self.cfg;
-        let tok = self.wte.index_select(&input.ids.flatten_all()?, 0)?;
-        let pos = self.wpe.index_select(&input.positions.flatten_all()?, 0)?;
-        let mut x = (tok + pos)?.reshape((b, t, c.n_embd))?;
         let mask = AttnMask::new(&input.mask)?;
+        self.body(&input.ids, &input.positions, &mut |_, q, k, v, scale| {
+            attention(q, k, v, &mask, scale)
+        })
+    }
+
+    /// The decoder stack over `ids` at `positions` with attention supplied by the caller: the masked forward of
+    /// training and scoring, or a decoding step against a KV cache.
+    fn body(&self, ids: &Tensor, positions: &Tensor, attend: &mut Attend) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = &self.cfg;
+        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
+        let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
+        let mut x = (tok + pos)?.reshape((b, t, c.n_embd))?;
         let hd = c.n_embd / c.n_head;
         for (i, blk) in self.blocks.iter().enumerate() {
             let mut scale = if c.scale_attn_weights {
@@ -88,7 +98,7 @@ impl Gpt2 {
             let q = split_heads(&qkv.narrow(2, 0, c.n_embd)?, c.n_head, hd)?;
             let k = split_heads(&qkv.narrow(2, c.n_embd, c.n_embd)?, c.n_head, hd)?;
             let v = split_heads(&qkv.narrow(2, 2 * c.n_embd, c.n_embd)?, c.n_head, hd)?;
-            let a = merge_heads(&attention(&q, &k, &v, &mask, scale)?)?;
+            let a = merge_heads(&attend(i, &q, &k, &v, scale)?)?;
             x = (x + blk.attn_proj.forward(&a)?)?;
             let m = activate(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?, c.activation)?;
             x = (x + blk.mlp_proj.forward(&m)?)?;
@@ -113,30 +123,8 @@ impl Gpt2 {
         positions: &Tensor,
         cache: &mut super::kv_cache::KvCache,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let c = &self.cfg;
-        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
-        let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
-        let mut x = (tok + pos)?.reshape((b, t, c.n_embd))?;
-        let hd = c.n_embd / c.n_head;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let mut scale = if c.scale_attn_weights {
-                1.0 / (hd as f64).sqrt()
-            } else {
-                1.0
-            };
-            if c.scale_attn_by_inverse_layer_idx {
-                scale /= (i + 1) as f64;
-            }
-            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x)?)?;
-            let q = split_heads(&qkv.narrow(2, 0, c.n_embd)?, c.n_head, hd)?;
-            let k = split_heads(&qkv.narrow(2, c.n_embd, c.n_embd)?, c.n_head, hd)?;
-            let v = split_heads(&qkv.narrow(2, 2 * c.n_embd, c.n_embd)?, c.n_head, hd)?;
-            let a = merge_heads(&cache.attend(i, &q, &k, &v, scale)?)?;
-            x = (x + blk.attn_proj.forward(&a)?)?;
-            let m = activate(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?, c.activation)?;
-            x = (x + blk.mlp_proj.forward(&m)?)?;
-        }
-        self.ln_f.forward(&x)
+        self.body(ids, positions, &mut |layer, q, k, v, scale| {
+            cache.attend(layer, q, k, v, scale)
+        })
     }
 }

@@ -6,7 +6,8 @@ use super::config::GptNeoxConfig;
 use super::error::Result;
 use super::input::Input;
 use super::layers::{
-    activate, attention, merge_heads, rope_inv_freq, AttnMask, LayerNorm, Linear, Rotary,
+    activate, attention, merge_heads, rope_inv_freq, Attend, AttnMask, Dense, LayerNorm, Linear,
+    Rotary,
 };
 use super::weights::Weights;
 
@@ -93,33 +94,49 @@ impl GptNeox {
 
     /// Final hidden states `[B, T, hidden]` after the final layer norm.
     pub fn hidden(&self, input: &Input) -> Result<Tensor> {
-        let (b, t) = input.dims();
+        let mask = AttnMask::new(&input.mask)?;
+        self.body(
+            &input.ids,
+            &input.positions,
+            &|l, x| l.forward(x),
+            &mut |_, q, k, v, scale| attention(q, k, v, &mask, scale),
+        )
+    }
+
+    /// The decoder stack over `ids` at `positions`, with the dense layers and attention supplied by the caller:
+    /// the masked forward of training and scoring, or a decoding step against a KV cache.
+    fn body(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        dense: &Dense,
+        attend: &mut Attend,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
         let c = &self.cfg;
         let nh = c.num_attention_heads;
         let hd = c.hidden_size / nh;
         let mut x = self
             .embed_in
-            .index_select(&input.ids.flatten_all()?, 0)?
+            .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden_size))?;
-        let mask = AttnMask::new(&input.mask)?;
-        let rotary = Rotary::new(&self.inv_freq, &input.positions, x.dtype())?;
+        let rotary = Rotary::new(&self.inv_freq, positions, x.dtype())?;
         let scale = 1.0 / (hd as f64).sqrt();
-        for blk in &self.blocks {
+        for (layer, blk) in self.blocks.iter().enumerate() {
             // The fused projection is laid out per head: [q_h, k_h, v_h] for each head h.
-            let qkv = blk
-                .query_key_value
-                .forward(&blk.input_layernorm.forward(&x)?)?
+            let qkv = dense(&blk.query_key_value, &blk.input_layernorm.forward(&x)?)?
                 .reshape((b, t, nh, 3 * hd))?
                 .transpose(1, 2)?;
             let q = rotary.apply(&qkv.narrow(D::Minus1, 0, hd)?)?;
             let k = rotary.apply(&qkv.narrow(D::Minus1, hd, hd)?)?;
             let v = qkv.narrow(D::Minus1, 2 * hd, hd)?;
-            let a = blk
-                .dense
-                .forward(&merge_heads(&attention(&q, &k, &v, &mask, scale)?)?)?;
+            let a = dense(
+                &blk.dense,
+                &merge_heads(&attend(layer, &q, &k, &v, scale)?)?,
+            )?;
             let mlp = |inp: &Tensor| -> Result<Tensor> {
-                let m = activate(&blk.dense_h_to_4h.forward(inp)?, c.hidden_act)?;
-                blk.dense_4h_to_h.forward(&m)
+                let m = activate(&dense(&blk.dense_h_to_4h, inp)?, c.hidden_act)?;
+                dense(&blk.dense_4h_to_h, &m)
             };
             x = if c.use_parallel_residual {
                 let m = mlp(&blk.post_attention_layernorm.forward(&x)?)?;
@@ -150,42 +167,11 @@ impl GptNeox {
         positions: &Tensor,
         cache: &mut super::kv_cache::KvCache,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let c = &self.cfg;
-        let nh = c.num_attention_heads;
-        let hd = c.hidden_size / nh;
-        let mut x = self
-            .embed_in
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, c.hidden_size))?;
-        let rotary = Rotary::new(&self.inv_freq, positions, x.dtype())?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let step =
-            |l: &Linear, x: &Tensor| super::kv_cache::step_linear(x, &l.weight, l.bias.as_ref());
-        for (layer, blk) in self.blocks.iter().enumerate() {
-            let qkv = step(&blk.query_key_value, &blk.input_layernorm.forward(&x)?)?
-                .reshape((b, t, nh, 3 * hd))?
-                .transpose(1, 2)?;
-            let q = rotary.apply(&qkv.narrow(D::Minus1, 0, hd)?)?;
-            let k = rotary.apply(&qkv.narrow(D::Minus1, hd, hd)?)?;
-            let v = qkv.narrow(D::Minus1, 2 * hd, hd)?;
-            let a = step(
-                &blk.dense,
-                &merge_heads(&cache.attend(layer, &q, &k, &v, scale)?)?,
-            )?;
-            let mlp = |inp: &Tensor| -> Result<Tensor> {
-                let m = activate(&step(&blk.dense_h_to_4h, inp)?, c.hidden_act)?;
-                step(&blk.dense_4h_to_h, &m)
-            };
-            x = if c.use_parallel_residual {
-                let m = mlp(&blk.post_attention_layernorm.forward(&x)?)?;
-                ((x + a)? + m)?
-            } else {
-                let x1 = (x + a)?;
-                let m = mlp(&blk.post_attention_layernorm.forward(&x1)?)?;
-                (x1 + m)?
-            };
-        }
-        self.final_layer_norm.forward(&x)
+        self.body(
+            ids,
+            positions,
+            &|l, x| super::kv_cache::step_linear(x, &l.weight, l.bias.as_ref()),
+            &mut |layer, q, k, v, scale| cache.attend(layer, q, k, v, scale),
+        )
     }
 }

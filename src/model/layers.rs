@@ -22,6 +22,13 @@ fn upcast(x: &Tensor) -> Result<Tensor> {
 /// Large finite negative added to masked attention scores: −inf would turn a fully masked row into NaN.
 pub const MASK_NEG: f32 = -1.0e9;
 
+/// A dense layer as a forward applies it (`Linear::forward`, or a decoding kernel for a few rows).
+pub type Dense<'a> = dyn Fn(&Linear, &Tensor) -> Result<Tensor> + 'a;
+
+/// Attention of layer `l` over `q`, `k`, `v` with a scale: masked attention over the whole input, or attention to
+/// a KV cache that the call extends.
+pub type Attend<'a> = dyn FnMut(usize, &Tensor, &Tensor, &Tensor, f64) -> Result<Tensor> + 'a;
+
 /// `x @ w` for `x` of any rank ≥ 2 and a 2-D `w`, as one 2-D matmul over the flattened leading dims.
 pub fn matmul_2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();

@@ -6,7 +6,8 @@ use super::config::LlamaConfig;
 use super::error::Result;
 use super::input::Input;
 use super::layers::{
-    attention, gated, merge_heads, rope_inv_freq, split_heads, AttnMask, Linear, RmsNorm, Rotary,
+    attention, gated, merge_heads, rope_inv_freq, split_heads, Attend, AttnMask, Dense, Linear,
+    RmsNorm, Rotary,
 };
 use super::weights::Weights;
 
@@ -93,27 +94,44 @@ impl Llama {
 
     /// Final hidden states `[B, T, hidden]` after the last norm.
     pub fn hidden(&self, input: &Input) -> Result<Tensor> {
-        let (b, t) = input.dims();
+        let mask = AttnMask::new(&input.mask)?;
+        self.body(
+            &input.ids,
+            &input.positions,
+            &|l, x| l.forward(x),
+            &mut |_, q, k, v, scale| attention(q, k, v, &mask, scale),
+        )
+    }
+
+    /// The decoder stack over `ids` at `positions`, with the dense layers and attention supplied by the caller:
+    /// the masked forward of training and scoring, or a decoding step against a KV cache.
+    fn body(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        dense: &Dense,
+        attend: &mut Attend,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
         let c = &self.cfg;
         let mut x = self
             .embed_tokens
-            .index_select(&input.ids.flatten_all()?, 0)?
+            .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden_size))?;
-        let mask = AttnMask::new(&input.mask)?;
-        let rotary = Rotary::new(&self.inv_freq, &input.positions, x.dtype())?;
+        let rotary = Rotary::new(&self.inv_freq, positions, x.dtype())?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        for blk in &self.blocks {
+        for (layer, blk) in self.blocks.iter().enumerate() {
             let hs = blk.input_layernorm.forward(&x)?;
-            let q = split_heads(&blk.q_proj.forward(&hs)?, c.num_attention_heads, c.head_dim)?;
-            let k = split_heads(&blk.k_proj.forward(&hs)?, c.num_key_value_heads, c.head_dim)?;
-            let v = split_heads(&blk.v_proj.forward(&hs)?, c.num_key_value_heads, c.head_dim)?;
+            let q = split_heads(&dense(&blk.q_proj, &hs)?, c.num_attention_heads, c.head_dim)?;
+            let k = split_heads(&dense(&blk.k_proj, &hs)?, c.num_key_value_heads, c.head_dim)?;
+            let v = split_heads(&dense(&blk.v_proj, &hs)?, c.num_key_value_heads, c.head_dim)?;
             let (q, k) = (rotary.apply(&q)?, rotary.apply(&k)?);
-            let a = merge_heads(&attention(&q, &k, &v, &mask, scale)?)?;
-            x = (x + blk.o_proj.forward(&a)?)?;
+            let a = merge_heads(&attend(layer, &q, &k, &v, scale)?)?;
+            x = (x + dense(&blk.o_proj, &a)?)?;
             let hs = blk.post_attention_layernorm.forward(&x)?;
-            let gate = blk.gate_proj.forward(&hs)?;
-            let up = blk.up_proj.forward(&hs)?;
-            x = (x + blk.down_proj.forward(&gated(&gate, &up, c.hidden_act)?)?)?;
+            let gate = dense(&blk.gate_proj, &hs)?;
+            let up = dense(&blk.up_proj, &hs)?;
+            x = (x + dense(&blk.down_proj, &gated(&gate, &up, c.hidden_act)?)?)?;
         }
         self.norm.forward(&x)
     }
@@ -138,30 +156,12 @@ impl Llama {
         if let Some(h) = self.hidden_step_host(ids, positions, cache)? {
             return Ok(h);
         }
-        let (b, t) = ids.dims2()?;
-        let c = &self.cfg;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, c.hidden_size))?;
-        let rotary = Rotary::new(&self.inv_freq, positions, x.dtype())?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let step =
-            |l: &Linear, x: &Tensor| super::kv_cache::step_linear(x, &l.weight, l.bias.as_ref());
-        for (layer, blk) in self.blocks.iter().enumerate() {
-            let hs = blk.input_layernorm.forward(&x)?;
-            let q = split_heads(&step(&blk.q_proj, &hs)?, c.num_attention_heads, c.head_dim)?;
-            let k = split_heads(&step(&blk.k_proj, &hs)?, c.num_key_value_heads, c.head_dim)?;
-            let v = split_heads(&step(&blk.v_proj, &hs)?, c.num_key_value_heads, c.head_dim)?;
-            let (q, k) = (rotary.apply(&q)?, rotary.apply(&k)?);
-            let a = merge_heads(&cache.attend(layer, &q, &k, &v, scale)?)?;
-            x = (x + step(&blk.o_proj, &a)?)?;
-            let hs = blk.post_attention_layernorm.forward(&x)?;
-            let gate = step(&blk.gate_proj, &hs)?;
-            let up = step(&blk.up_proj, &hs)?;
-            x = (x + step(&blk.down_proj, &gated(&gate, &up, c.hidden_act)?)?)?;
-        }
-        self.norm.forward(&x)
+        self.body(
+            ids,
+            positions,
+            &|l, x| super::kv_cache::step_linear(x, &l.weight, l.bias.as_ref()),
+            &mut |layer, q, k, v, scale| cache.attend(layer, q, k, v, scale),
+        )
     }
 }
 
