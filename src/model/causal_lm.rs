@@ -156,7 +156,11 @@ impl CausalLm {
             let end = (start + chunk_rows).min(labels.len());
             let idx = Tensor::new(&labels.flat_positions[start..end], device)?;
             let rows = flat.index_select(&idx, 0)?;
-            let logits = rows.matmul(&head_t)?;
+            let logits = if rows.device().is_cpu() && rows.dtype() == DType::F32 {
+                super::fused_linear::linear(&rows, self.lm_head())?
+            } else {
+                rows.matmul(&head_t)?
+            };
             let logits = if logits.dtype() == DType::F64 {
                 logits
             } else {

@@ -10,6 +10,7 @@ use super::config::{Activation, RopeConfig, RopeScaling};
 use super::error::{ModelError, Result};
 use super::fused::{self, HostMask};
 use super::fused_elementwise::{self, RopeTables};
+use super::fused_linear;
 
 /// The dtype that norms, softmax and scores are computed in: f32 for half types, else the input's own.
 fn upcast(x: &Tensor) -> Result<Tensor> {
@@ -51,7 +52,21 @@ pub struct Linear {
 impl Linear {
     /// `x @ Wᵀ + b` over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_2d(x, &self.weight.t()?)?;
+        let y = if x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+        {
+            let dims = x.dims();
+            let k = dims[dims.len() - 1];
+            let y =
+                fused_linear::linear(&x.reshape((x.elem_count() / k.max(1), k))?, &self.weight)?;
+            let mut out = dims.to_vec();
+            let last = out.len() - 1;
+            out[last] = self.weight.dim(0)?;
+            y.reshape(out)?
+        } else {
+            matmul_2d(x, &self.weight.t()?)?
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

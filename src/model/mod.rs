@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod fused;
 pub mod fused_elementwise;
+pub mod fused_linear;
 pub mod gguf;
 pub mod gpt2;
 pub mod gpt_j;

@@ -1,0 +1,123 @@
+//! `x @ Wᵀ` as one op with its own backward, for f32 on the CPU.
+//!
+//! Composed as `x.matmul(&w.t())`, the weight's gradient is formed for the transposed view and then transposed
+//! back into a zero-filled buffer: a strided pass over every weight matrix on every backward. Here `dW = gᵀ · x`
+//! lands in the weight's own layout.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+
+use super::fused::contiguous_f32;
+
+struct LinearOp;
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!(
+                "linear: input {:?} does not fit weight {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let x = contiguous_f32(s1, l1, "linear input")?;
+        let w = contiguous_f32(s2, l2, "linear weight")?;
+        let mut out = vec![0f32; m * n];
+        if m > 0 && n > 0 {
+            // SAFETY: the slices hold m·k, n·k and m·n elements, and the strides below stay inside them:
+            // out[i, j] at i·n + j, x[i, l] at i·k + l, and (Wᵀ)[l, j] = W[j, l] at j·k + l.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(candle_core::utils::get_num_threads()),
+                );
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = g.matmul(w)?;
+        let dw = g.t()?.matmul(x)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `x @ wᵀ` for f32 CPU tensors, `x` `[M, K]`, `w` `[N, K]`.
+pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_linear_matches_matmul_with_gradients() {
+        let mut rng = crate::rng::Rng::new(3);
+        let mut rand = |r: usize, c: usize| {
+            let v: Vec<f32> = (0..r * c).map(|_| rng.normal() as f32).collect();
+            Tensor::from_vec(v, (r, c), &Device::Cpu).unwrap()
+        };
+        let x = Var::from_tensor(&rand(37, 19)).unwrap();
+        let w = Var::from_tensor(&rand(23, 19)).unwrap();
+        let probe = rand(37, 23);
+        let a = linear(x.as_tensor(), w.as_tensor()).unwrap();
+        let b = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let diff = |p: &Tensor, q: &Tensor| {
+            (p - q)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&a, &b) < 1e-4);
+        let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            let d = diff(
+                ga.get(v.as_tensor()).unwrap(),
+                gb.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-4, "gradient differs by {d}");
+        }
+    }
+}
