@@ -209,14 +209,14 @@ impl ModelConfig {
     }
 }
 
-/// Typed access to config fields with errors naming the file and field.
-struct Reader<'a> {
-    v: &'a Value,
-    path: &'a Path,
+/// Typed access to config fields with errors naming the file and field (also used by the reward-model configs).
+pub(crate) struct Reader<'a> {
+    pub(crate) v: &'a Value,
+    pub(crate) path: &'a Path,
 }
 
 impl Reader<'_> {
-    fn err(&self, field: &str, msg: impl Into<String>) -> ModelError {
+    pub(crate) fn err(&self, field: &str, msg: impl Into<String>) -> ModelError {
         ModelError::Config {
             path: PathBuf::from(self.path),
             field: field.to_string(),
@@ -224,11 +224,11 @@ impl Reader<'_> {
         }
     }
 
-    fn get(&self, field: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, field: &str) -> Option<&Value> {
         self.v.get(field).filter(|v| !v.is_null())
     }
 
-    fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
+    pub(crate) fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
         match self.get(field) {
             None => Ok(None),
             Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
@@ -237,12 +237,12 @@ impl Reader<'_> {
         }
     }
 
-    fn usize(&self, field: &str) -> Result<usize> {
+    pub(crate) fn usize(&self, field: &str) -> Result<usize> {
         self.opt_usize(field)?
             .ok_or_else(|| self.err(field, "missing"))
     }
 
-    fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
+    pub(crate) fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
         match self.get(field) {
             None => Ok(None),
             Some(v) => v
@@ -252,7 +252,7 @@ impl Reader<'_> {
         }
     }
 
-    fn opt_bool(&self, field: &str) -> Result<Option<bool>> {
+    pub(crate) fn opt_bool(&self, field: &str) -> Result<Option<bool>> {
         match self.get(field) {
             None => Ok(None),
             Some(v) => v
@@ -262,7 +262,7 @@ impl Reader<'_> {
         }
     }
 
-    fn opt_str(&self, field: &str) -> Result<Option<String>> {
+    pub(crate) fn opt_str(&self, field: &str) -> Result<Option<String>> {
         match self.get(field) {
             None => Ok(None),
             Some(v) => v
@@ -272,7 +272,7 @@ impl Reader<'_> {
         }
     }
 
-    fn activation(&self, field: &str, default: &str) -> Result<Activation> {
+    pub(crate) fn activation(&self, field: &str, default: &str) -> Result<Activation> {
         let name = self.opt_str(field)?.unwrap_or_else(|| default.to_string());
         Activation::parse(&name).ok_or_else(|| {
             self.err(

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::bert::{BertClassifier, BertConfig, DistilBertClassifier, DistilBertConfig};
 use super::causal_lm::CausalLm;
-use super::config::{Activation, ModelConfig};
+use super::config::{ModelConfig, Reader};
 use super::error::{ModelError, Result};
 use super::gpt_j::{GptJ, GptJConfig};
 use super::input::Input;
@@ -278,84 +278,16 @@ fn encoder_input(rows: &[Vec<u32>], device: &Device) -> Result<Input> {
     Input::from_host(&ids, &pos, &mask, device)
 }
 
-/// Typed access to config fields with errors naming the file and field.
-struct Cfg<'a> {
-    v: &'a Value,
-    path: &'a Path,
-}
-
-impl Cfg<'_> {
-    fn err(&self, field: &str, msg: impl Into<String>) -> ModelError {
-        ModelError::Config {
-            path: self.path.to_path_buf(),
-            field: field.to_string(),
-            msg: msg.into(),
-        }
-    }
-
-    fn get(&self, field: &str) -> Option<&Value> {
-        self.v.get(field).filter(|v| !v.is_null())
-    }
-
-    fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-                self.err(field, format!("expected a non-negative integer, got {v}"))
-            }),
-        }
-    }
-
-    fn usize(&self, field: &str) -> Result<usize> {
-        self.opt_usize(field)?
-            .ok_or_else(|| self.err(field, "missing"))
-    }
-
-    fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(field, format!("expected a number, got {v}"))),
-        }
-    }
-
-    fn opt_str(&self, field: &str) -> Result<Option<String>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(|s| Some(s.to_string()))
-                .ok_or_else(|| self.err(field, format!("expected a string, got {v}"))),
-        }
-    }
-
-    fn activation(&self, field: &str, default: &str) -> Result<Activation> {
-        let name = self.opt_str(field)?.unwrap_or_else(|| default.to_string());
-        match name.as_str() {
-            "silu" | "swish" => Ok(Activation::Silu),
-            "gelu" => Ok(Activation::Gelu),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
-            "relu" => Ok(Activation::Relu),
-            _ => Err(self.err(
-                field,
-                format!("unsupported activation {name:?} (supported: silu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu)"),
-            )),
-        }
-    }
-
-    /// `id2label` names in index order, `LABEL_i` where absent; `n` entries.
-    fn labels(&self, n: usize) -> Vec<String> {
-        let map = self.get("id2label").and_then(Value::as_object);
-        (0..n)
-            .map(|i| {
-                map.and_then(|m| m.get(&i.to_string()))
-                    .and_then(Value::as_str)
-                    .map_or_else(|| format!("LABEL_{i}"), str::to_string)
-            })
-            .collect()
-    }
+/// `id2label` names in index order, `LABEL_i` where absent; `n` entries.
+fn labels(c: &Reader, n: usize) -> Vec<String> {
+    let map = c.get("id2label").and_then(Value::as_object);
+    (0..n)
+        .map(|i| {
+            map.and_then(|m| m.get(&i.to_string()))
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("LABEL_{i}"), str::to_string)
+        })
+        .collect()
 }
 
 /// The model families, from `architectures[0]` (or `model_type`).
@@ -646,7 +578,7 @@ pub fn load_reward_model(
         &config_path,
         "the reward model config (give --rm-config for checkpoints that ship without one)",
     )?;
-    let c = Cfg {
+    let c = Reader {
         v: &raw,
         path: &config_path,
     };
@@ -715,7 +647,7 @@ pub fn load_reward_model(
             let m = BertClassifier::new(&cfg, n, &w)?;
             (
                 Body::Bert(Box::new(m)),
-                c.labels(n),
+                labels(&c, n),
                 Readout::First,
                 Truncation::Right,
                 cfg.max_position_embeddings,
@@ -737,7 +669,7 @@ pub fn load_reward_model(
             let m = DistilBertClassifier::new(&cfg, n, &w)?;
             (
                 Body::DistilBert(Box::new(m)),
-                c.labels(n),
+                labels(&c, n),
                 Readout::First,
                 Truncation::Right,
                 cfg.max_position_embeddings,
@@ -788,7 +720,7 @@ pub fn load_reward_model(
             };
             (
                 Body::GptJ(Box::new(m), head),
-                c.labels(n),
+                labels(&c, n),
                 readout,
                 Truncation::Left,
                 positions,
@@ -851,7 +783,7 @@ pub fn load_reward_model(
             };
             (
                 Body::Decoder(Box::new(m), head),
-                c.labels(n),
+                labels(&c, n),
                 readout,
                 Truncation::Left,
                 positions,
