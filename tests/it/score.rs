@@ -17,34 +17,7 @@ use rrhf::model::{Input, Labels};
 use rrhf::score::{score, RewardSpec, ScoreConfig, ScoreError, ScoreOn};
 use serde_json::Value;
 
-use crate::common::{fixtures, load};
-
-struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir() -> TempDir {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "rrhf-it-score-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
-}
+use crate::common::{fixtures, load, temp_dir};
 
 fn score_dir() -> PathBuf {
     fixtures().join("score")
