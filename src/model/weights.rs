@@ -154,7 +154,7 @@ pub fn read_safetensors(
     dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    let file = std::fs::File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             ModelError::MissingFile {
                 path: path.to_path_buf(),
@@ -164,6 +164,10 @@ pub fn read_safetensors(
             ModelError::io(path, e)
         }
     })?;
+    // Mapped, not read: a checkpoint is then held in memory once (as tensors), not twice, while it loads.
+    // SAFETY: the map is only read and is dropped before this function returns; the file must not be truncated
+    // meanwhile (as with any memory-mapped checkpoint loader).
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
     let st =
         safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
             path: path.to_path_buf(),
