@@ -333,13 +333,13 @@ fn logprobs(a: LogprobsArgs) -> Result<()> {
         };
         writeln!(out, "{t:>6} {id:>8}  {lp:>10}  {tok:?}")?;
     }
-    let total: f64 = lps.iter().map(|&x| x as f64).sum();
+    let total: f64 = lps.iter().map(|&x| x as f64).fold(0.0, |a, b| a + b);
     writeln!(out, "total {total:.4} over {} predicted tokens", lps.len())?;
     Ok(())
 }
 
 fn json_line(ids: &[u32], lps: &[f32]) -> String {
-    let total: f64 = lps.iter().map(|&x| x as f64).sum();
+    let total: f64 = lps.iter().map(|&x| x as f64).fold(0.0, |a, b| a + b);
     json!({"ids": ids, "logprobs": lps, "total": total}).to_string()
 }
 
