@@ -3,6 +3,7 @@
 
 pub mod command;
 pub mod generate;
+pub mod prompts;
 pub mod strategy_beam;
 pub mod strategy_group;
 pub mod strategy_sample;
