@@ -395,7 +395,8 @@ pub fn masked_softmax(scores: &Tensor, mask: &HostMask, scale: f64) -> Result<Te
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use crate::model::fused_elementwise::tests::{check, rand};
+    use candle_core::Device;
 
     #[test]
     fn exp_approx_is_accurate() {
@@ -410,69 +411,36 @@ mod tests {
         assert_eq!(exp_approx(-200.0), exp_approx(-87.0));
     }
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::rng::Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * 3.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
     #[test]
     fn fused_label_logprobs_match_composed_with_gradients() {
-        let x = Var::from_tensor(&rand(&[37, 301], 1)).unwrap();
         let labels: Vec<u32> = (0..37).map(|i| (i * 7 % 301) as u32).collect();
-        let w = rand(&[37], 2);
-        let fused = label_logprobs(x.as_tensor(), &labels).unwrap();
         let ids = Tensor::new(labels.as_slice(), &Device::Cpu)
             .unwrap()
             .unsqueeze(1)
             .unwrap();
-        let composed = crate::model::layers::log_softmax(x.as_tensor())
-            .unwrap()
-            .gather(&ids, 1)
-            .unwrap()
-            .squeeze(1)
-            .unwrap();
-        let d = (&fused - &composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-5, "values differ by {d}");
-        let ga = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (composed * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let (ga, gb) = (
-            ga.get(x.as_tensor()).unwrap(),
-            gb.get(x.as_tensor()).unwrap(),
+        check(
+            &[(rand(&[37, 301], 1) * 3.0).unwrap()],
+            |t| label_logprobs(&t[0], &labels).unwrap(),
+            |t| {
+                crate::model::layers::log_softmax(&t[0])
+                    .unwrap()
+                    .gather(&ids, 1)
+                    .unwrap()
+                    .squeeze(1)
+                    .unwrap()
+            },
+            1e-5,
         );
-        let d = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-5, "gradients differ by {d}");
     }
 
     #[test]
     fn fused_masked_softmax_matches_composed_with_gradients() {
         let (b, h, t) = (2, 3, 9);
-        let scores = Var::from_tensor(&rand(&[b, h, t, t], 3)).unwrap();
         let mut mask = vec![0u8; b * t * t];
         for bi in 0..b {
             for q in 0..t {
                 for k in 0..=q {
-                    // A block pattern like a packed row: keys 5..q invisible to queries 7.. in batch 1.
+                    // A block pattern like a packed row: keys 5..7 invisible to queries 7.. in batch 1.
                     mask[(bi * t + q) * t + k] =
                         u8::from(!(bi == 1 && q >= 7 && (5..7).contains(&k)));
                 }
@@ -480,7 +448,6 @@ mod tests {
         }
         let mask_t = Tensor::from_vec(mask, (b, t, t), &Device::Cpu).unwrap();
         let host = HostMask::new(&mask_t).unwrap().unwrap();
-        let fused = masked_softmax(scores.as_tensor(), &host, 0.3).unwrap();
         let bias = mask_t
             .where_cond(
                 &Tensor::zeros((b, t, t), DType::F32, &Device::Cpu).unwrap(),
@@ -489,40 +456,14 @@ mod tests {
             .unwrap()
             .unsqueeze(1)
             .unwrap();
-        let scaled = (scores.as_tensor() * 0.3)
-            .unwrap()
-            .broadcast_add(&bias)
-            .unwrap();
-        let composed = candle_nn::ops::softmax(&scaled, 3).unwrap();
-        let d = (&fused - &composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-6, "values differ by {d}");
-        let w = rand(&[b, h, t, t], 4);
-        let ga = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (composed * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let (ga, gb) = (
-            ga.get(scores.as_tensor()).unwrap(),
-            gb.get(scores.as_tensor()).unwrap(),
+        check(
+            &[(rand(&[b, h, t, t], 3) * 3.0).unwrap()],
+            |x| masked_softmax(&x[0], &host, 0.3).unwrap(),
+            |x| {
+                candle_nn::ops::softmax(&(&x[0] * 0.3).unwrap().broadcast_add(&bias).unwrap(), 3)
+                    .unwrap()
+            },
+            1e-5,
         );
-        let d = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-5, "gradients differ by {d}");
     }
 }

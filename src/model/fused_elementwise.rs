@@ -307,11 +307,12 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{DType, Device, Var, D};
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
+    /// Seeded standard-normal test tensor.
+    pub(crate) fn rand(shape: &[usize], seed: u64) -> Tensor {
         let mut rng = crate::rng::Rng::new(seed);
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
@@ -330,7 +331,7 @@ mod tests {
     }
 
     /// Values and gradients of a fused op equal the composed reference for every input.
-    fn check(
+    pub(crate) fn check(
         inputs: &[Tensor],
         fused: impl Fn(&[Tensor]) -> Tensor,
         composed: impl Fn(&[Tensor]) -> Tensor,

@@ -85,39 +85,15 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use crate::model::fused_elementwise::tests::{check, rand};
 
     #[test]
     fn fused_linear_matches_matmul_with_gradients() {
-        let mut rng = crate::rng::Rng::new(3);
-        let mut rand = |r: usize, c: usize| {
-            let v: Vec<f32> = (0..r * c).map(|_| rng.normal() as f32).collect();
-            Tensor::from_vec(v, (r, c), &Device::Cpu).unwrap()
-        };
-        let x = Var::from_tensor(&rand(37, 19)).unwrap();
-        let w = Var::from_tensor(&rand(23, 19)).unwrap();
-        let probe = rand(37, 23);
-        let a = linear(x.as_tensor(), w.as_tensor()).unwrap();
-        let b = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
-        let diff = |p: &Tensor, q: &Tensor| {
-            (p - q)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(diff(&a, &b) < 1e-4);
-        let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&x, &w] {
-            let d = diff(
-                ga.get(v.as_tensor()).unwrap(),
-                gb.get(v.as_tensor()).unwrap(),
-            );
-            assert!(d < 1e-4, "gradient differs by {d}");
-        }
+        check(
+            &[rand(&[37, 19], 1), rand(&[23, 19], 2)],
+            |t| linear(&t[0], &t[1]).unwrap(),
+            |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+            1e-4,
+        );
     }
 }
