@@ -381,16 +381,23 @@ fn expand_config(argv: Vec<String>) -> Result<Vec<String>> {
     let mut flags = Vec::new();
     for (key, value) in &table {
         let flag = format!("--{}", key.replace('_', "-"));
-        match value {
-            toml::Value::Boolean(true) => flags.push(flag),
-            toml::Value::Boolean(false) => {}
-            toml::Value::String(s) => flags.extend([flag, s.clone()]),
-            toml::Value::Integer(n) => flags.extend([flag, n.to_string()]),
-            toml::Value::Float(x) => flags.extend([flag, x.to_string()]),
-            other => bail!(
-                "{path}: key `{key}`: expected a string, number or boolean, got {}",
-                other.type_str()
-            ),
+        // An array repeats the flag once per element (e.g. `stop = ["Human:", "Assistant:"]`).
+        let values: Vec<&toml::Value> = match value {
+            toml::Value::Array(items) => items.iter().collect(),
+            v => vec![v],
+        };
+        for v in values {
+            match v {
+                toml::Value::Boolean(true) => flags.push(flag.clone()),
+                toml::Value::Boolean(false) => {}
+                toml::Value::String(s) => flags.extend([flag.clone(), s.clone()]),
+                toml::Value::Integer(n) => flags.extend([flag.clone(), n.to_string()]),
+                toml::Value::Float(x) => flags.extend([flag.clone(), x.to_string()]),
+                other => bail!(
+                    "{path}: key `{key}`: expected a string, number, boolean or an array of them, got {}",
+                    other.type_str()
+                ),
+            }
         }
     }
     let mut out: Vec<String> = Vec::with_capacity(argv.len() + flags.len());
@@ -405,4 +412,59 @@ fn expand_config(argv: Vec<String>) -> Result<Vec<String>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_config;
+
+    #[test]
+    fn config_file_becomes_flags_after_the_subcommand() {
+        let path = std::env::temp_dir().join(format!("rrhf-config-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "max_len = 64\nskip_invalid = true\nlayout = \"padded\"\nstop = [\"Human:\", \"Assistant:\"]\nquiet = false\n",
+        )
+        .unwrap();
+        let argv: Vec<String> = [
+            "rrhf",
+            "sample",
+            "--config",
+            path.to_str().unwrap(),
+            "--seed",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = expand_config(argv).unwrap();
+        // toml::Table keeps keys sorted; the command line comes last so it overrides the file.
+        assert_eq!(
+            out,
+            [
+                "rrhf",
+                "sample",
+                "--layout",
+                "padded",
+                "--max-len",
+                "64",
+                "--skip-invalid",
+                "--stop",
+                "Human:",
+                "--stop",
+                "Assistant:",
+                "--seed",
+                "3"
+            ]
+        );
+        std::fs::write(&path, "weights = { a = 1 }\n").unwrap();
+        let argv = vec![
+            "rrhf".into(),
+            "train".into(),
+            format!("--config={}", path.display()),
+        ];
+        let err = expand_config(argv).unwrap_err().to_string();
+        assert!(err.contains("weights"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+    }
 }
