@@ -208,11 +208,16 @@ pub fn rope_inv_freq(cfg: &RopeConfig) -> Vec<f64> {
 /// the rotate-half layout of LLaMA / GPT-NeoX in transformers).
 #[derive(Debug, Clone)]
 pub struct Rotary {
-    cos: Tensor,
-    sin: Tensor,
+    tables: RotaryTables,
     rotary_dim: usize,
-    /// Host tables for the fused CPU op (f32 on the CPU only).
-    fused: Option<RopeTables>,
+}
+
+/// The tables in the form the rotation will use: host tables for the fused CPU op (f32 on the CPU), or
+/// `cos`, `sin` tensors `[B, 1, T, rotary_dim]` for the composed ops.
+#[derive(Debug, Clone)]
+enum RotaryTables {
+    Fused(RopeTables),
+    Tensors { cos: Tensor, sin: Tensor },
 }
 
 impl Rotary {
@@ -226,24 +231,23 @@ impl Rotary {
         let inv = Tensor::from_vec(inv, (1, 1, half), device)?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
         let freqs = pos.broadcast_mul(&inv)?;
-        let fused = if device.is_cpu() && dtype == DType::F32 {
+        let tables = if device.is_cpu() && dtype == DType::F32 {
             let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-            Some(RopeTables::new(
+            RotaryTables::Fused(RopeTables::new(
                 flat(freqs.cos()?)?,
                 flat(freqs.sin()?)?,
                 2 * half,
             ))
         } else {
-            None
+            let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+            RotaryTables::Tensors {
+                cos: emb.cos()?.to_dtype(dtype)?.unsqueeze(1)?,
+                sin: emb.sin()?.to_dtype(dtype)?.unsqueeze(1)?,
+            }
         };
-        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        let cos = emb.cos()?.to_dtype(dtype)?.unsqueeze(1)?;
-        let sin = emb.sin()?.to_dtype(dtype)?.unsqueeze(1)?;
         Ok(Self {
-            cos,
-            sin,
+            tables,
             rotary_dim: 2 * half,
-            fused,
         })
     }
 
@@ -254,11 +258,10 @@ impl Rotary {
         if r == 0 {
             return Ok(x.clone());
         }
-        if let Some(t) = &self.fused {
-            if x.dtype() == DType::F32 {
-                return Ok(t.apply(x)?);
-            }
-        }
+        let (cos, sin) = match &self.tables {
+            RotaryTables::Fused(t) => return Ok(t.apply(x)?),
+            RotaryTables::Tensors { cos, sin } => (cos, sin),
+        };
         let (rot, pass) = if r < head_dim {
             (
                 x.narrow(D::Minus1, 0, r)?,
@@ -270,7 +273,7 @@ impl Rotary {
         let x1 = rot.narrow(D::Minus1, 0, r / 2)?;
         let x2 = rot.narrow(D::Minus1, r / 2, r / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        let out = (rot.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?;
+        let out = (rot.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
         Ok(match pass {
             Some(p) => Tensor::cat(&[&out, &p], D::Minus1)?,
             None => out,
