@@ -14,6 +14,7 @@ pub fn tune_allocator() {
     }
 }
 
+pub mod alloc;
 pub mod bench;
 pub mod client;
 pub mod data;

@@ -93,12 +93,33 @@ enum BenchCommand {
         #[arg(long, default_value_t = 256)]
         seq_len: usize,
     },
-    /// Response tokens/s of one RRHF optimizer step (k = 4, query 128 + responses 64 tokens), packed vs padded.
+    /// One RRHF optimizer step: on a real model and records (`--model DIR --data FILE`: s/step, tokens/s, GFLOP/s,
+    /// peak RSS, user/system time), or without them on a random LLaMA (k = 4, query 128 + 64), packed vs padded.
     Train {
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
         #[arg(long, default_value_t = 3)]
         iters: usize,
+        /// A real model (Hugging Face directory or .gguf); needs --data.
+        #[arg(long, requires = "data")]
+        model: Option<PathBuf>,
+        /// Scored records, tokenised as `rrhf train` does (--max-len, --max-query-len, --format ...).
+        #[arg(long, requires = "model")]
+        data: Option<PathBuf>,
+        #[command(flatten)]
+        records: rrhf::data::args::RecordArgs,
+        /// Queries per step (one micro-batch).
+        #[arg(long, default_value_t = 1)]
+        batch_queries: usize,
+        /// Untimed steps before the timed ones.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// packed or padded rows.
+        #[arg(long, default_value = "packed")]
+        layout: rrhf::data::batch::Layout,
+        /// Print the measurement as one JSON line instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Generated tokens/s of greedy, beam and diverse beam search (KV-cached) on the forward benchmark's LLaMA.
     Generate {
@@ -139,6 +160,63 @@ enum BenchCommand {
         #[arg(long, default_value_t = 256)]
         seq_len: usize,
     },
+}
+
+/// Large tensor buffers stay mapped between training steps (see `rrhf::alloc`).
+#[global_allocator]
+static ALLOC: rrhf::alloc::CachingAlloc = rrhf::alloc::CachingAlloc::new();
+
+/// `rrhf bench train --model DIR --data FILE`.
+fn bench_train_real(
+    model: &Path,
+    data: &Path,
+    records: &rrhf::data::args::RecordArgs,
+    device: DeviceSpec,
+    bench: rrhf::train::bench::RealTrainBench,
+    json: bool,
+) -> Result<()> {
+    let dev = device.open()?;
+    let loaded = rrhf::model::load_model(model, &dev, candle_core::DType::F32)?;
+    let prepared = rrhf::train::trainer::prepare(data, records, &loaded)?;
+    let pad_id = loaded.tokenizer.pad_id;
+    let r = bench.run(loaded.model, &prepared.records, pad_id, &dev)?;
+    if json {
+        println!("{}", r.to_json());
+        return Ok(());
+    }
+    println!(
+        "rrhf bench train: {} on {} ({} records), {} queries per step, {} layout, max len {}, {device}, median of {} steps",
+        model.display(),
+        data.display(),
+        prepared.records.len(),
+        bench.batch_queries,
+        bench.layout,
+        records.max_len,
+        r.steps
+    );
+    println!(
+        "{:>9} {:>11} {:>13} {:>9} {:>11} {:>8} {:>8} {:>12}",
+        "s/step",
+        "row tokens",
+        "resp. tok/s",
+        "GFLOP/s",
+        "peak RSS",
+        "user s",
+        "sys s",
+        "minor faults"
+    );
+    println!(
+        "{:>9.3} {:>11.0} {:>13.1} {:>9.1} {:>9.2}GB {:>8.2} {:>8.2} {:>12.0}",
+        r.step_s,
+        r.row_tokens,
+        r.response_tokens / r.step_s,
+        r.gflops(),
+        r.max_rss as f64 / 1e9,
+        r.user_s,
+        r.sys_s,
+        r.minor_faults
+    );
+    Ok(())
 }
 
 fn main() {
@@ -214,7 +292,30 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", format_table(&title, &rows));
                 Ok(())
             }
-            BenchCommand::Train { device, iters } => {
+            BenchCommand::Train {
+                device,
+                iters,
+                model: Some(model),
+                data: Some(data),
+                records,
+                batch_queries,
+                warmup,
+                layout,
+                json,
+            } => bench_train_real(
+                &model,
+                &data,
+                &records,
+                device,
+                rrhf::train::bench::RealTrainBench {
+                    batch_queries,
+                    warmup,
+                    steps: iters,
+                    layout,
+                },
+                json,
+            ),
+            BenchCommand::Train { device, iters, .. } => {
                 let b = rrhf::train::bench::TrainBench {
                     iters,
                     ..Default::default()

@@ -180,6 +180,8 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) use multiversion;
+
 multiversion! {
     max(row: &[f32]) -> f32;
     exp_shift(row: &[f32], m: f32, out: &mut [f32]) -> f32;
@@ -379,6 +381,11 @@ impl HostMask {
             return Ok(None);
         }
         Ok(Some(Self(Arc::new(mask.flatten_all()?.to_vec1::<u8>()?))))
+    }
+
+    /// The mask's entries, `[B, Tq, Tk]` flattened.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
     }
 }
 

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::config::{Activation, RopeConfig, RopeScaling};
 use super::error::{ModelError, Result};
 use super::fused::{self, HostMask};
+use super::fused_attention::{span_attention, KeySpans};
 use super::fused_elementwise::{self, RopeTables};
 use super::fused_linear;
 
@@ -286,18 +287,32 @@ impl Rotary {
 pub struct AttnMask {
     /// Additive bias `[B, 1, T, T]` (0 or [`MASK_NEG`]) for the composed path.
     bias: Tensor,
-    /// The boolean mask on the host, for the fused CPU path.
+    /// The boolean mask on the host, for the fused CPU softmax (half-precision inputs).
     host: Option<HostMask>,
+    /// The visible key spans per query, for the fused CPU attention (f32).
+    spans: Option<KeySpans>,
 }
 
 impl AttnMask {
     /// From a boolean mask `[B, Tq, Tk]` (u8, 1 = query position may attend key position).
     pub fn new(mask: &Tensor) -> Result<Self> {
+        let mut m = Self::composed(mask)?;
+        m.host = HostMask::new(mask)?;
+        if let Some(host) = &m.host {
+            let (b, tq, tk) = mask.dims3()?;
+            m.spans = Some(KeySpans::from_mask(host.bytes(), b, tq, tk)?);
+        }
+        Ok(m)
+    }
+
+    /// The additive bias only: attention takes the composed ops on every device (the reference in tests).
+    pub fn composed(mask: &Tensor) -> Result<Self> {
         let zeros = Tensor::zeros(mask.shape(), DType::F32, mask.device())?;
         let neg = Tensor::full(MASK_NEG, mask.shape(), mask.device())?;
         Ok(Self {
             bias: mask.where_cond(&zeros, &neg)?.unsqueeze(1)?,
-            host: HostMask::new(mask)?,
+            host: None,
+            spans: None,
         })
     }
 }
@@ -317,6 +332,11 @@ pub fn attention(
         return Err(ModelError::Input(format!(
             "attention: {h} query heads are not a multiple of {hkv} key/value heads"
         )));
+    }
+    if let Some(spans) = &mask.spans {
+        if q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
+            return span_attention(q, k, v, spans, scale);
+        }
     }
     let (k, v) = if hkv != h {
         let rep = h / hkv;

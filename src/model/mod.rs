@@ -5,6 +5,7 @@ pub mod causal_lm;
 pub mod config;
 pub mod error;
 pub mod fused;
+pub mod fused_attention;
 pub mod fused_elementwise;
 pub mod fused_linear;
 pub mod gguf;

@@ -105,3 +105,163 @@ impl TrainBench {
         Ok(rows)
     }
 }
+
+/// CPU time and memory of this process so far (`getrusage`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub user_s: f64,
+    pub sys_s: f64,
+    pub minor_faults: u64,
+    /// Peak resident set size, bytes.
+    pub max_rss: u64,
+}
+
+impl Usage {
+    /// Now.
+    pub fn now() -> Self {
+        // SAFETY: getrusage fills the struct it is given.
+        let r = unsafe {
+            let mut r: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut r);
+            r
+        };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        Self {
+            user_s: secs(r.ru_utime),
+            sys_s: secs(r.ru_stime),
+            minor_faults: r.ru_minflt as u64,
+            max_rss: r.ru_maxrss as u64 * 1024,
+        }
+    }
+}
+
+/// `rrhf bench train --model DIR --data FILE`: RRHF optimizer steps on a real model and real records, tokenised
+/// and packed as `rrhf train` does, one micro-batch of `batch_queries` queries per step.
+#[derive(Debug, Clone)]
+pub struct RealTrainBench {
+    pub batch_queries: usize,
+    /// Untimed steps first (allocator and caches warm up).
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    pub layout: Layout,
+}
+
+/// What [`RealTrainBench::run`] measured.
+#[derive(Debug, Clone)]
+pub struct RealTrainReport {
+    /// Parameters that cost 2 FLOPs per token forward (every matrix but the embedding lookup).
+    pub compute_params: usize,
+    pub steps: usize,
+    /// Median seconds per step.
+    pub step_s: f64,
+    /// Row tokens (query + responses, as laid out) and response tokens per step, averaged.
+    pub row_tokens: f64,
+    pub response_tokens: f64,
+    /// Per timed step.
+    pub user_s: f64,
+    pub sys_s: f64,
+    pub minor_faults: f64,
+    /// Peak resident set size of the process, bytes.
+    pub max_rss: u64,
+}
+
+impl RealTrainReport {
+    /// Achieved model FLOP/s: 6 · N · row tokens per second (forward 2N, backward 4N per token).
+    pub fn gflops(&self) -> f64 {
+        6.0 * self.compute_params as f64 * self.row_tokens / self.step_s / 1e9
+    }
+
+    /// The report as one JSON object (tools/bench_train.py reads it).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "engine": "rrhf", "steps": self.steps, "step_s": self.step_s, "row_tokens": self.row_tokens,
+            "response_tokens": self.response_tokens, "response_tokens_per_s": self.response_tokens / self.step_s,
+            "gflops": self.gflops(), "compute_params": self.compute_params, "user_s": self.user_s,
+            "sys_s": self.sys_s, "minor_faults": self.minor_faults, "max_rss": self.max_rss,
+        })
+    }
+}
+
+impl RealTrainBench {
+    /// Runs `warmup + steps` steps over `records` (cycled), timing the last `steps`. The loaded weights are
+    /// dropped once the trainable copy exists, as `rrhf train` does.
+    pub fn run(
+        &self,
+        model: CausalLm,
+        records: &[TokenizedRecord],
+        pad_id: u32,
+        device: &Device,
+    ) -> Result<RealTrainReport, ModelError> {
+        if records.is_empty() || self.batch_queries == 0 {
+            return Err(ModelError::Input(
+                "bench train: no records, or --batch-queries 0".into(),
+            ));
+        }
+        // Shadowing would keep the loaded weights alive to the end of the run: drop them here.
+        let (model, vars) = {
+            let base = model;
+            base.trainable()?
+        };
+        let compute_params = vars
+            .iter()
+            .filter(|(name, _)| !name.contains("embed_tokens") && !name.contains("wte"))
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>()
+            + if model.config().tie_word_embeddings() {
+                model.lm_head().elem_count()
+            } else {
+                0
+            };
+        let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+        let mut times = Vec::new();
+        let (mut row_tokens, mut response_tokens) = (0usize, 0usize);
+        let mut start = Usage::default();
+        for i in 0..self.warmup + self.steps {
+            if i == self.warmup {
+                start = Usage::now();
+            }
+            let chunk: Vec<&TokenizedRecord> = (0..self.batch_queries)
+                .map(|j| &records[(i * self.batch_queries + j) % records.len()])
+                .collect();
+            let scores: Vec<Vec<f64>> = chunk.iter().map(|r| r.scores.clone()).collect();
+            let t0 = Instant::now();
+            let batch = build_batch(&chunk, self.layout, pad_id, device)?;
+            let lp = model.label_logprobs(&batch.input, &batch.labels)?;
+            let out = rrhf_loss(
+                &lp,
+                &batch.response_of_label,
+                &batch.n_tokens,
+                &scores,
+                &LossConfig::default(),
+            )?;
+            let store = out.loss.backward()?;
+            let mut grads = opt.collect_grads(&store)?;
+            drop(store);
+            clip_grad_norm(&mut grads, 1.0)?;
+            opt.step(&grads, 1e-5)?;
+            device.synchronize()?;
+            if i >= self.warmup {
+                times.push(t0.elapsed().as_secs_f64());
+                // Tokens computed, padding included (the same count as PyTorch's padded rows).
+                let (b, t) = batch.input.dims();
+                row_tokens += b * t;
+                response_tokens += batch.labels.len();
+            }
+        }
+        let end = Usage::now();
+        let n = self.steps.max(1) as f64;
+        times.sort_by(f64::total_cmp);
+        Ok(RealTrainReport {
+            compute_params,
+            steps: self.steps,
+            step_s: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
+            row_tokens: row_tokens as f64 / n,
+            response_tokens: response_tokens as f64 / n,
+            user_s: (end.user_s - start.user_s) / n,
+            sys_s: (end.sys_s - start.sys_s) / n,
+            minor_faults: (end.minor_faults - start.minor_faults) as f64 / n,
+            max_rss: end.max_rss,
+        })
+    }
+}
