@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::model::save::{safetensors_bytes, save_pretrained, write_atomic};
+use crate::fsutil::write_atomic;
+use crate::model::save::{save_pretrained, write_safetensors};
 use crate::model::tokenizer::{SideFiles, TextTokenizer};
 use crate::model::weights::read_safetensors;
 use crate::model::{ModelError, Weights};
@@ -67,10 +68,7 @@ pub fn save_checkpoint(
         parts.side,
         parts.save_dtype,
     )?;
-    write_atomic(
-        &tmp.join("optimizer.safetensors"),
-        &safetensors_bytes(&parts.optimizer, None)?,
-    )?;
+    write_safetensors(&tmp.join("optimizer.safetensors"), &parts.optimizer, None)?;
     fault_point(step);
     let state =
         serde_json::to_string_pretty(parts.state).map_err(|e| ModelError::Input(e.to_string()))?;

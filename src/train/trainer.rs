@@ -17,8 +17,9 @@ use crate::data::readers::read_records;
 use crate::data::tokenize::{tokenize_record, TokenizedRecord};
 use crate::data::DataError;
 use crate::device::DTypeSpec;
+use crate::fsutil::write_atomic;
 use crate::model::load::{LoadedModel, ModelArgs};
-use crate::model::save::{save_pretrained, write_atomic};
+use crate::model::save::save_pretrained;
 use crate::model::{load_model, CausalLm, ModelError};
 use crate::rng::Rng;
 
@@ -127,6 +128,12 @@ pub enum TrainError {
     Data(#[from] DataError),
     #[error("{0}")]
     Config(String),
+}
+
+impl From<crate::fsutil::FsError> for TrainError {
+    fn from(e: crate::fsutil::FsError) -> Self {
+        TrainError::Model(e.into())
+    }
 }
 
 impl From<candle_core::Error> for TrainError {
