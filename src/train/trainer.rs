@@ -285,6 +285,14 @@ fn check_max_len(max_len: usize, config: &Value, source: &Path) -> Result<(), Tr
     }
 }
 
+/// Whether two paths name the same existing directory (symlinks and `..` resolved).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// The config of a model directory read on its own (cheap), so `--max-len` is checked before the weights load;
 /// `None` for a GGUF file or an unreadable config (loading reports that one properly).
 fn config_of(model: &Path) -> Option<Value> {
@@ -511,6 +519,14 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 |p| p.display().to_string(),
             ),
         });
+    }
+    if cfg.overwrite && same_dir(&cfg.output, &cfg.model.model) {
+        // Clearing it would delete the model being trained, and a run that then fails would leave nothing.
+        return Err(TrainError::Config(format!(
+            "--overwrite with --output {} would delete the --model it trains (the same directory); choose another \
+             --output",
+            cfg.output.display()
+        )));
     }
     let device = cfg.model.device.open()?;
     let dtype = cfg.model.dtype.dtype();

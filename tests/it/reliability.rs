@@ -240,6 +240,22 @@ fn overwrite_clears_previous_run() {
 }
 
 #[test]
+fn overwrite_never_clears_the_model_being_trained() {
+    let tmp = scratch("overwrite-model");
+    let model = copy_model("llama", &tmp.join("model"));
+    let before = snapshot(&model);
+    let mut cmd = train_cmd(&model, &["--max-steps", "1", "--overwrite"]);
+    cmd.arg("--model").arg(&model);
+    let err = run_err(&mut cmd);
+    assert!(err.contains("would delete the --model"), "{err}");
+    assert!(
+        snapshot(&model) == before,
+        "the input model is left as it was"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
 fn resume_refuses_changed_batch() {
     let tmp = scratch("resume-flags");
     let out = tmp.join("run");
