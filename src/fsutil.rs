@@ -89,6 +89,9 @@ pub fn link_or_copy(src: &Path, dest: &Path) -> Result<(), FsError> {
         let _ = std::fs::remove_file(&tmp);
         return Err(FsError::new(dest, e));
     }
+    // When `dest` already was a link to `src`, POSIX rename succeeds without doing anything and the temporary
+    // link stays behind; remove it (after a real rename it is gone and this fails harmlessly).
+    let _ = std::fs::remove_file(&tmp);
     Ok(())
 }
 
@@ -208,6 +211,9 @@ mod tests {
         std::fs::write(&b, b"stale").unwrap();
         link_or_copy(&a, &b).unwrap();
         assert_eq!(std::fs::read(&b).unwrap(), b"weights");
+        assert_eq!(names(&d), vec!["a", "b"]);
+        // Linking again over an existing link to the same file leaves no temporary link behind.
+        link_or_copy(&a, &b).unwrap();
         assert_eq!(names(&d), vec!["a", "b"]);
         std::fs::remove_dir_all(&d).unwrap();
     }
