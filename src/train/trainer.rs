@@ -560,15 +560,16 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
     }
     let run = run_fingerprint(cfg, tok_opts.max_query_len, data_fingerprint(&cfg.data)?);
     if let (Some((state, _)), Some(dir)) = (&resume_state, &cfg.resume) {
+        // First by flag: a changed --batch-queries also changes the step count, and the flag is the better news.
+        if let Some(then) = &state.run {
+            check_same_run(dir, then, &run)?;
+        }
         if state.n_records != n as u64 || state.seed != cfg.seed || state.total_steps != total_steps
         {
             return Err(TrainError::Config(format!(
                 "--resume: the checkpoint was written by a run with {} records, seed {} and {} steps; this run has {n}, {} and {total_steps}: pass the same data and flags",
                 state.n_records, state.seed, state.total_steps, cfg.seed
             )));
-        }
-        if let Some(then) = &state.run {
-            check_same_run(dir, then, &run)?;
         }
     }
     let warmup = warmup_steps(cfg.warmup_ratio, total_steps);

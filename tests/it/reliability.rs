@@ -285,6 +285,13 @@ fn resume_refuses_changed_batch() {
             "{flag}: {err}"
         );
     }
+    // Without --max-steps a changed batch also changes the step count; the flag is still what is named.
+    let err = run_err(
+        train_cmd(&out, &["--save-every", "2", "--batch-queries", "2"])
+            .arg("--resume")
+            .arg(&ck),
+    );
+    assert!(err.contains("--batch-queries was 4"), "{err}");
     assert!(snapshot(&out) == before, "a refused resume writes nothing");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
