@@ -20,6 +20,7 @@ pub mod client;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod fsutil;
 pub mod model;
 pub mod rng;
 pub mod sample;

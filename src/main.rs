@@ -241,8 +241,16 @@ fn run(cli: Cli) -> Result<()> {
             let mut args = serde_json::to_value(&cfg)?;
             args["command"] = json!("train");
             let s = train(&cfg, &args)?;
+            let skipped = if s.skipped_nonfinite > 0 {
+                format!(
+                    " ({} skipped for a non-finite loss or gradient)",
+                    s.skipped_nonfinite
+                )
+            } else {
+                String::new()
+            };
             eprintln!(
-                "trained {} steps: final loss {:.4}, {:.0} tokens/s; model in {}",
+                "trained {} steps{skipped}: final loss {:.4}, {:.0} tokens/s; model in {}",
                 s.steps,
                 s.final_loss,
                 s.tokens_per_s,

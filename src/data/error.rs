@@ -42,6 +42,15 @@ pub enum DataError {
     Empty(PathBuf),
 }
 
+impl From<crate::fsutil::FsError> for DataError {
+    fn from(e: crate::fsutil::FsError) -> Self {
+        DataError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 impl DataError {
     /// An invalid-record error at `path:line` (field optional).
     pub fn invalid(

@@ -13,6 +13,15 @@ use super::error::{ModelError, Result};
 pub const SUPPORTED_ARCHITECTURES: &[&str] =
     &["LlamaForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM"];
 
+/// The most positions a model has, from its raw `config.json` (or a GGUF's config), with the field it came from:
+/// GPT-2's `n_positions` (a learned table: later positions have no embedding at all) or `max_position_embeddings`
+/// (rotary models: the longest context they were trained for). `None` when the config names neither.
+pub fn max_positions(raw: &Value) -> Option<(&'static str, usize)> {
+    ["n_positions", "max_position_embeddings", "n_ctx"]
+        .into_iter()
+        .find_map(|key| Some((key, usize::try_from(raw.get(key)?.as_u64()?).ok()?)))
+}
+
 /// A pointwise activation named as in transformers' `ACT2FN`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {

@@ -63,6 +63,15 @@ pub enum ModelError {
 /// Result of the model layer.
 pub type Result<T> = std::result::Result<T, ModelError>;
 
+impl From<crate::fsutil::FsError> for ModelError {
+    fn from(e: crate::fsutil::FsError) -> Self {
+        ModelError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 impl ModelError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

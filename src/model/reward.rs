@@ -375,6 +375,9 @@ fn is_buffer(name: &str) -> bool {
         || name.ends_with("position_ids")
 }
 
+/// The most a deflated zip entry can expand (deflate's limit is about 1032:1): bounds a tensor's size by its file's.
+const MAX_DEFLATE_RATIO: u64 = 1032;
+
 /// Reads the tensors of a PyTorch pickle (the zip format of `torch.save` since 1.6: a state dict, possibly under a
 /// `state_dict` / `model` / `module` key). Buffers (causal-mask tables and the like, some stored as bool tensors
 /// candle cannot represent) are skipped by name without reading their data.
@@ -387,6 +390,7 @@ pub fn read_pickle(path: &Path, dtype: DType, device: &Device) -> Result<HashMap
         msg: format!("PyTorch pickle: {msg}"),
     };
     let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
         bad(format!(
             "not a torch.save zip archive ({e}); re-save legacy (pre-1.6) pickles with a recent torch.save"
@@ -436,14 +440,46 @@ pub fn read_pickle(path: &Path, dtype: DType, device: &Device) -> Result<HashMap
         if !layout.is_contiguous() && !fortran {
             return Err(bad(format!("tensor `{name}` is not contiguous")));
         }
-        let mut entry = zip
+        let entry = zip
             .by_name(&info.path)
             .map_err(|e| bad(format!("tensor `{name}` ({}): {e}", info.path)))?;
-        let n_bytes = layout.shape().elem_count() * info.dtype.size_in_bytes();
-        let mut buf = vec![0u8; layout.start_offset() + n_bytes];
+        // The pickle's shape is a claim, not a size: a corrupt or hostile header can promise terabytes. Check it
+        // against the bytes the archive really holds before allocating anything of that size.
+        let needed = layout
+            .dims()
+            .iter()
+            .try_fold(info.dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d))
+            .and_then(|n| n.checked_add(layout.start_offset()))
+            .filter(|&n| n as u64 <= entry.size().min(file_len.saturating_mul(MAX_DEFLATE_RATIO)))
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}`: its header promises shape {:?} of {:?} ({} bytes at offset {}), more than \
+                     its data entry `{}` holds ({} bytes in a {file_len}-byte file): the file is corrupt or truncated",
+                    layout.dims(),
+                    info.dtype,
+                    layout
+                        .dims()
+                        .iter()
+                        .try_fold(info.dtype.size_in_bytes(), |a, &d| a.checked_mul(d))
+                        .map_or("too many".into(), |n| n.to_string()),
+                    layout.start_offset(),
+                    info.path,
+                    entry.size()
+                ))
+            })?;
+        // Read at most what was promised, into a buffer that grows with what actually arrives (the entry's
+        // recorded size could lie too).
+        let mut buf = Vec::with_capacity(needed.min(file_len as usize));
         entry
-            .read_exact(&mut buf)
+            .take(needed as u64)
+            .read_to_end(&mut buf)
             .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        if buf.len() != needed {
+            return Err(bad(format!(
+                "tensor `{name}`: {} bytes of data where its shape needs {needed}: the file is truncated",
+                buf.len()
+            )));
+        }
         let data = &buf[layout.start_offset()..];
         let t = if fortran {
             let rev: Vec<usize> = layout.dims().iter().rev().copied().collect();

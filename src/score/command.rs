@@ -654,7 +654,7 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
     let stats = reward_stats(&final_records);
     if let Some(p) = &cfg.stats_output {
         let text = serde_json::to_string_pretty(&stats).map_err(|e| config_err(e.to_string()))?;
-        crate::model::save::write_atomic(p, text.as_bytes())?;
+        crate::fsutil::write_atomic(p, text.as_bytes()).map_err(crate::model::ModelError::from)?;
     }
     Ok(ScoreSummary {
         records: n,

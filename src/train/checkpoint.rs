@@ -1,14 +1,16 @@
 //! Checkpoints: `OUTPUT/checkpoint-{step}/` with the model in Hugging Face layout, `optimizer.safetensors` and
 //! `trainer_state.json`. A checkpoint is written into a hidden temporary directory and renamed into place, so a
-//! run killed mid-save leaves the previous checkpoints intact and no half-written one.
+//! run killed mid-save leaves the previous checkpoints intact and no half-written one; an existing checkpoint of
+//! the same step is renamed aside before the new one takes its name and removed only after (`fsutil::replace_dir`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::model::save::{safetensors_bytes, save_pretrained, write_atomic};
+use crate::fsutil::{replace_dir, write_atomic};
+use crate::model::save::{save_pretrained, write_safetensors};
 use crate::model::tokenizer::{SideFiles, TextTokenizer};
 use crate::model::weights::read_safetensors;
 use crate::model::{ModelError, Weights};
@@ -30,6 +32,17 @@ pub struct TrainerState {
     pub n_records: u64,
     /// Version of rrhf that wrote it.
     pub rrhf_version: String,
+    /// Steps skipped so far for a non-finite loss or gradient norm (`--skip-nonfinite`).
+    #[serde(default)]
+    pub skipped_nonfinite: u64,
+    /// AdamW updates done (steps minus skipped ones; its bias correction counts these). Absent in checkpoints of
+    /// versions without `--skip-nonfinite`, where it equals `step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_steps: Option<u64>,
+    /// The flags (and data fingerprint) a resumed run must repeat to continue this one exactly, by flag name.
+    /// Absent in checkpoints of older versions, which are then resumed without this check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<BTreeMap<String, serde_json::Value>>,
 }
 
 /// Name of the checkpoint directory of `step`.
@@ -67,10 +80,7 @@ pub fn save_checkpoint(
         parts.side,
         parts.save_dtype,
     )?;
-    write_atomic(
-        &tmp.join("optimizer.safetensors"),
-        &safetensors_bytes(&parts.optimizer, None)?,
-    )?;
+    write_safetensors(&tmp.join("optimizer.safetensors"), &parts.optimizer, None)?;
     fault_point(step);
     let state =
         serde_json::to_string_pretty(parts.state).map_err(|e| ModelError::Input(e.to_string()))?;
@@ -78,18 +88,27 @@ pub fn save_checkpoint(
     let args = serde_json::to_string_pretty(parts.args_json)
         .map_err(|e| ModelError::Input(e.to_string()))?;
     write_atomic(&tmp.join("args.json"), args.as_bytes())?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| ModelError::io(&final_dir, e))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| ModelError::io(&final_dir, e))?;
+    // A resumed run rewrites checkpoints of steps after the one it resumed from: never leave a moment without one.
+    replace_dir(&tmp, &final_dir)?;
     if keep > 0 {
-        let mut all = list_checkpoints(output)?;
-        while all.len() > keep {
-            let (_, dir) = all.remove(0);
+        for dir in to_prune(list_checkpoints(output)?, step, keep) {
             std::fs::remove_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
         }
     }
     Ok(final_dir)
+}
+
+/// The checkpoints to remove after writing `step` so that at most `keep` remain: first any of a later step (left
+/// by the run a resumed run continues from an earlier point; they belong to a continuation that no longer exists
+/// and would otherwise outrank the new run's checkpoints), then the oldest.
+fn to_prune(all: Vec<(u64, PathBuf)>, step: u64, keep: usize) -> Vec<PathBuf> {
+    let (current, stale): (Vec<_>, Vec<_>) = all.into_iter().partition(|(s, _)| *s <= step);
+    let excess = current.len().saturating_sub(keep);
+    stale
+        .into_iter()
+        .chain(current.into_iter().take(excess))
+        .map(|(_, d)| d)
+        .collect()
 }
 
 /// Test hook: `RRHF_FAULT_ABORT_IN_SAVE=STEP` aborts the process in the middle of writing that step's checkpoint,
@@ -147,4 +166,31 @@ pub fn load_checkpoint_state(
     })?;
     let opt = read_safetensors(&dir.join("optimizer.safetensors"), DType::F32, &Device::Cpu)?;
     Ok((state, opt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dirs(steps: &[u64]) -> Vec<(u64, PathBuf)> {
+        steps
+            .iter()
+            .map(|&s| (s, PathBuf::from(format!("checkpoint-{s}"))))
+            .collect()
+    }
+
+    #[test]
+    fn pruning_removes_stale_later_checkpoints_before_the_new_ones() {
+        // Resumed from 3 with checkpoints 3, 6, 9 of the earlier run on disk; 6 was just rewritten.
+        let gone = to_prune(dirs(&[3, 6, 9]), 6, 1);
+        assert_eq!(
+            gone,
+            vec![PathBuf::from("checkpoint-9"), PathBuf::from("checkpoint-3")]
+        );
+        assert_eq!(
+            to_prune(dirs(&[2, 4, 5]), 5, 2),
+            vec![PathBuf::from("checkpoint-2")]
+        );
+        assert!(to_prune(dirs(&[2]), 2, 2).is_empty());
+    }
 }

@@ -33,7 +33,7 @@ impl MetricsLog {
                         kept.push('\n');
                     }
                 }
-                crate::model::save::write_atomic(path, kept.as_bytes())?;
+                crate::fsutil::write_atomic(path, kept.as_bytes())?;
             }
             None if path.exists() => {
                 std::fs::remove_file(path).map_err(|e| ModelError::io(path, e))?;

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod log;
 pub mod loss;
 pub mod optim;
+pub mod output;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;

@@ -9,7 +9,7 @@
 //! rename.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use ab_glyph::{Font, FontRef, ScaleFont};
@@ -427,39 +427,19 @@ fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
     png
 }
 
-/// The temporary file `bytes` are first written to: beside `path`, hidden, unique per process.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "plot.png".to_string());
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
-}
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
+/// Writes `bytes` over `path` atomically (`crate::fsutil`), creating its directory first.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     }
-    let tmp = temp_path(path);
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(ModelError::io(&tmp, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        ModelError::io(path, e)
-    })
+    Ok(crate::fsutil::write_atomic(path, bytes)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Read;
+    use std::path::PathBuf;
 
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);

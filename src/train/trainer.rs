@@ -4,7 +4,9 @@
 //! Determinism: the data order of epoch e is a shuffle seeded by (seed, e), and step s covers a fixed slice of it,
 //! so a run resumed from a checkpoint replays exactly the steps the uninterrupted run would have taken.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -13,19 +15,22 @@ use serde_json::{json, Value};
 
 use crate::data::args::RecordArgs;
 use crate::data::batch::{build_batch, Layout};
-use crate::data::readers::read_records;
+use crate::data::readers::{read_records, ReadOutcome};
 use crate::data::tokenize::{tokenize_record, TokenizedRecord};
 use crate::data::DataError;
 use crate::device::DTypeSpec;
+use crate::fsutil::write_atomic;
+use crate::model::config::max_positions;
 use crate::model::load::{LoadedModel, ModelArgs};
-use crate::model::save::{save_pretrained, write_atomic};
-use crate::model::{load_model, CausalLm, ModelError};
+use crate::model::save::{link_pretrained, save_pretrained};
+use crate::model::{load_model, CausalLm, ModelError, Weights};
 use crate::rng::Rng;
 
 use super::checkpoint::{load_checkpoint_state, save_checkpoint, CheckpointParts, TrainerState};
 use super::log::{read_metrics, MetricsLog, Progress};
 use super::loss::{rrhf_loss, LossConfig, SftReduction};
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+use super::output::{clear_previous_run, latest_checkpoint, previous_run};
 use super::plot::{plot_curves, Series};
 use super::schedule::{lr_at, warmup_steps, ScheduleKind};
 
@@ -110,6 +115,14 @@ pub struct TrainConfig {
     /// Continue from OUTPUT/checkpoint-N (same data and flags): the loss sequence equals an uninterrupted run.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Replace a previous run in --output (its metrics, checkpoints and model are removed first). Without it (or
+    /// --resume) an output directory holding a run is refused and left untouched.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Skip up to N optimizer steps whose loss or gradient norm is NaN or infinite (no update; counted in
+    /// metrics.jsonl as `skipped_nonfinite`). 0: stop at the first one.
+    #[arg(long, default_value_t = 0)]
+    pub skip_nonfinite: u64,
     /// packed: one row per query shared by its responses (faster); padded: one row per response.
     #[arg(long, default_value = "packed")]
     pub layout: Layout,
@@ -127,6 +140,42 @@ pub enum TrainError {
     Data(#[from] DataError),
     #[error("{0}")]
     Config(String),
+    /// `--output` holds a run and neither `--resume` nor `--overwrite` was given.
+    #[error("{dir} holds a previous run ({found}); pass --resume {resume} to continue it, --overwrite to replace it, or choose another --output (nothing was written)")]
+    OutputInUse {
+        dir: PathBuf,
+        found: String,
+        resume: String,
+    },
+    /// `--resume` from a checkpoint written with other flags or data.
+    #[error("--resume {checkpoint}: {flag} was {then} in the run that wrote this checkpoint and is {now} now; a resumed run must repeat it to continue that run exactly (start a new run to change it)")]
+    ResumeMismatch {
+        checkpoint: PathBuf,
+        flag: String,
+        then: String,
+        now: String,
+    },
+    /// A NaN or infinite loss or gradient norm: the optimizer step was not taken.
+    #[error("step {step}: {what} is {value} ({scope}: {records}); stopped before the optimizer step, so no weight took it and none was saved. {next}")]
+    NonFinite {
+        step: u64,
+        what: &'static str,
+        /// Whose records are listed: the micro-batch with the bad loss, or every one of the step (a bad gradient
+        /// norm is only known for their sum).
+        scope: &'static str,
+        value: f64,
+        records: String,
+        next: String,
+    },
+    /// A weight about to be saved is not finite (refused rather than written).
+    #[error("weight `{0}` holds NaN or infinite values after the update; refusing to save it")]
+    NonFiniteWeight(String),
+}
+
+impl From<crate::fsutil::FsError> for TrainError {
+    fn from(e: crate::fsutil::FsError) -> Self {
+        TrainError::Model(e.into())
+    }
 }
 
 impl From<candle_core::Error> for TrainError {
@@ -144,6 +193,8 @@ pub struct TrainSummary {
     pub skipped_records: usize,
     pub truncated_queries: usize,
     pub truncated_responses: usize,
+    /// Steps skipped for a non-finite loss or gradient norm (`--skip-nonfinite`).
+    pub skipped_nonfinite: u64,
 }
 
 /// Seed of epoch `e`'s shuffle.
@@ -154,33 +205,193 @@ fn epoch_seed(seed: u64, epoch: u64) -> u64 {
 /// Records and tokenisation statistics of one input file.
 pub struct Prepared {
     pub records: Vec<TokenizedRecord>,
+    /// The file they came from and the 1-based line (or Parquet row) of each record, for messages.
+    pub path: PathBuf,
+    pub lines: Vec<usize>,
     pub skipped: usize,
     pub truncated_queries: usize,
     pub truncated_responses: usize,
 }
 
+impl Prepared {
+    /// `FILE:LINE` of record `i`.
+    pub fn origin(&self, i: usize) -> String {
+        format!("{}:{}", self.path.display(), self.lines[i])
+    }
+}
+
 /// Reads and tokenises a file of scored records.
-pub fn prepare(
-    path: &std::path::Path,
+pub fn prepare(path: &Path, args: &RecordArgs, m: &LoadedModel) -> Result<Prepared, TrainError> {
+    let read = read_records(path, &args.read_options(true))?;
+    tokenize_all(path, read, args, m)
+}
+
+/// Tokenises records already read from `path`. A query that tokenises to no token at all (an empty query under a
+/// tokenizer that adds no BOS) leaves the first response token nothing to be predicted from, so it is refused here
+/// with its line rather than failing mid-run (`--skip-invalid` skips and counts it).
+fn tokenize_all(
+    path: &Path,
+    read: ReadOutcome,
     args: &RecordArgs,
     m: &LoadedModel,
 ) -> Result<Prepared, TrainError> {
     let opts = args.tokenize_options().map_err(TrainError::Config)?;
-    let read = read_records(path, &args.read_options(true))?;
     let mut records = Vec::with_capacity(read.records.len());
-    for r in &read.records {
-        records.push(tokenize_record(&m.tokenizer, r, &opts)?);
+    let mut lines = Vec::with_capacity(read.records.len());
+    let mut skipped = read.skipped.len();
+    for (r, &line) in read.records.iter().zip(&read.lines) {
+        let t = tokenize_record(&m.tokenizer, r, &opts)?;
+        if t.query.is_empty() {
+            if args.skip_invalid {
+                skipped += 1;
+                continue;
+            }
+            return Err(DataError::invalid(
+                path,
+                Some(line),
+                Some("query"),
+                "the query tokenises to zero tokens and this tokenizer adds no BOS, so the first response token \
+                 has no position to be predicted from; give the record a non-empty query (or pass --skip-invalid)",
+            )
+            .into());
+        }
+        records.push(t);
+        lines.push(line);
+    }
+    if records.is_empty() {
+        return Err(DataError::Empty(path.to_path_buf()).into());
     }
     Ok(Prepared {
         truncated_queries: records.iter().filter(|r| r.query_truncated).count(),
         truncated_responses: records.iter().map(|r| r.responses_truncated).sum(),
-        skipped: read.skipped.len(),
+        skipped,
+        path: path.to_path_buf(),
+        lines,
         records,
     })
 }
 
+/// Refuses a `--max-len` longer than the model's positions (read from its config), before any model work: GPT-2
+/// would otherwise fail at the first batch with an index error, and rotary models would train on positions they
+/// never saw.
+fn check_max_len(max_len: usize, config: &Value, source: &Path) -> Result<(), TrainError> {
+    match max_positions(config) {
+        Some((key, n)) if max_len > n => Err(TrainError::Config(format!(
+            "--max-len {max_len} is longer than the model's {key} = {n} ({}): a sequence cannot have more \
+             positions than the model; pass --max-len {n} or less",
+            source.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Whether two paths name the same existing directory (symlinks and `..` resolved).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// The config of a model directory read on its own (cheap), so `--max-len` is checked before the weights load;
+/// `None` for a GGUF file or an unreadable config (loading reports that one properly).
+fn config_of(model: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(model.join("config.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// `crc32 XXXXXXXX of N bytes` of a file's contents: a resumed run must train on the same bytes.
+fn data_fingerprint(path: &Path) -> Result<String, TrainError> {
+    let mut f = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut crc = flate2::Crc::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| DataError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        crc.update(&buf[..n]);
+    }
+    Ok(format!("crc32 {:08x} of {} bytes", crc.sum(), crc.amount()))
+}
+
+/// What a resumed run must repeat to continue a run exactly, by flag name (stored in `trainer_state.json`).
+fn run_fingerprint(
+    cfg: &TrainConfig,
+    max_query_len: usize,
+    data: String,
+) -> BTreeMap<String, Value> {
+    BTreeMap::from([
+        ("--batch-queries".into(), json!(cfg.batch_queries)),
+        ("--grad-accum".into(), json!(cfg.grad_accum)),
+        ("--max-len".into(), json!(cfg.records.max_len)),
+        ("--max-query-len".into(), json!(max_query_len)),
+        ("--format".into(), json!(cfg.records.format.to_string())),
+        (
+            "--prompt-template".into(),
+            json!(cfg.records.prompt_template.to_string()),
+        ),
+        ("--rank-weight".into(), json!(cfg.rank_weight)),
+        ("--length-penalty".into(), json!(cfg.length_penalty)),
+        ("--margin".into(), json!(cfg.margin)),
+        (
+            "--sft-reduction".into(),
+            json!(cfg.sft_reduction.to_string()),
+        ),
+        ("--data content".into(), json!(data)),
+    ])
+}
+
+/// Refuses to resume with a flag (or data) other than the checkpoint's run used, naming it and both values.
+fn check_same_run(
+    checkpoint: &Path,
+    then: &BTreeMap<String, Value>,
+    now: &BTreeMap<String, Value>,
+) -> Result<(), TrainError> {
+    for (flag, old) in then {
+        let new = now.get(flag).unwrap_or(&Value::Null);
+        if old != new {
+            let show = |v: &Value| match v {
+                Value::String(s) => s.clone(),
+                Value::Null => "unset".into(),
+                other => other.to_string(),
+            };
+            return Err(TrainError::ResumeMismatch {
+                checkpoint: checkpoint.to_path_buf(),
+                flag: flag.clone(),
+                then: show(old),
+                now: show(new),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses weights with NaN or infinite values before they are saved (the step checks make this unreachable in a
+/// normal run; it guards every path that writes weights).
+fn check_finite_weights(w: &Weights) -> Result<(), TrainError> {
+    let mut names: Vec<&String> = w.tensors().keys().collect();
+    names.sort();
+    for name in names {
+        let t = &w.tensors()[name];
+        if t.dtype().is_float() && !global_grad_norm(std::slice::from_ref(t))?.is_finite() {
+            return Err(TrainError::NonFiniteWeight(name.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Test hook: `RRHF_FAULT_NAN_AT_STEP=3,5` makes the loss of the first micro-batch of those steps (1-based) NaN
+/// before its backward pass, as a numerically broken batch would, so tests can show what the trainer does then.
+fn fault_nan_at(step: u64) -> bool {
+    std::env::var("RRHF_FAULT_NAN_AT_STEP").is_ok_and(|v| {
+        v.split(',')
+            .any(|s| s.trim().parse::<u64>().ok() == Some(step))
+    })
+}
+
 /// Loss terms of a set of queries, averaged, plus the tokens processed.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct StepStats {
     loss: f64,
     rank_loss: f64,
@@ -191,6 +402,9 @@ struct StepStats {
     p_worst: f64,
     queries: usize,
     tokens: usize,
+    /// The first micro-batch (positions in the records given) whose loss was NaN or infinite, and that loss; the
+    /// remaining micro-batches of the step are not run.
+    nonfinite: Option<(std::ops::Range<usize>, f64)>,
 }
 
 impl StepStats {
@@ -222,7 +436,8 @@ impl StepStats {
 
 /// The loss of `records` under `model` (micro-batches of `batch_queries`), with gradients accumulated into
 /// `grads` when given (each micro-batch weighted by its share of the queries, so the result is the gradient of the
-/// mean over all queries).
+/// mean over all queries). `poison` (a test hook) makes the first micro-batch's loss NaN.
+#[allow(clippy::too_many_arguments)]
 fn run_queries(
     model: &CausalLm,
     records: &[&TokenizedRecord],
@@ -231,10 +446,12 @@ fn run_queries(
     pad_id: u32,
     device: &Device,
     mut grads: Option<(&[candle_core::Var], &mut Vec<Option<Tensor>>)>,
+    poison: bool,
 ) -> Result<StepStats, TrainError> {
     let mut stats = StepStats::default();
     let total = records.len();
-    for chunk in records.chunks(cfg.batch_queries.max(1)) {
+    let per = cfg.batch_queries.max(1);
+    for (k, chunk) in records.chunks(per).enumerate() {
         let batch = build_batch(chunk, cfg.layout, pad_id, device)?;
         let scores: Vec<Vec<f64>> = chunk.iter().map(|r| r.scores.clone()).collect();
         let lp = model.label_logprobs(&batch.input, &batch.labels)?;
@@ -245,10 +462,20 @@ fn run_queries(
             &scores,
             loss_cfg,
         )?;
-        let loss_value = out.loss.to_scalar::<f32>()? as f64;
+        let loss = if poison && k == 0 {
+            (&out.loss * f64::NAN)?
+        } else {
+            out.loss.clone()
+        };
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        if !loss_value.is_finite() && grads.is_some() {
+            // Its gradients would poison the whole step: stop here and let the caller decide.
+            stats.nonfinite = Some((k * per..k * per + chunk.len(), loss_value));
+            return Ok(stats);
+        }
         if let Some((vars, acc)) = grads.as_mut() {
             let weight = chunk.len() as f64 / total as f64;
-            let store = (&out.loss * weight)?.backward()?;
+            let store = (&loss * weight)?.backward()?;
             for (slot, var) in acc.iter_mut().zip(vars.iter()) {
                 if let Some(g) = store.get(var.as_tensor()) {
                     *slot = Some(match slot.take() {
@@ -264,24 +491,60 @@ fn run_queries(
 }
 
 /// Runs `rrhf train`.
+///
+/// Everything that can be refused is checked before anything is written: flags, the output directory, the
+/// checkpoint to resume from, the data (file:line), `--max-len` against the model, and that a resumed run repeats
+/// the flags and data of the run it continues.
 pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, TrainError> {
     if cfg.batch_queries == 0 || cfg.grad_accum == 0 {
         return Err(TrainError::Config(
             "--batch-queries and --grad-accum must be at least 1".into(),
         ));
     }
+    // Length limits are checked before anything is loaded.
+    let tok_opts = cfg.records.tokenize_options().map_err(TrainError::Config)?;
+    let previous = previous_run(&cfg.output)?;
+    if !previous.is_empty() && cfg.resume.is_none() && !cfg.overwrite {
+        let shown: Vec<&str> = previous.iter().take(4).map(String::as_str).collect();
+        let more = previous.len().saturating_sub(shown.len());
+        return Err(TrainError::OutputInUse {
+            dir: cfg.output.clone(),
+            found: if more > 0 {
+                format!("{} and {more} more", shown.join(", "))
+            } else {
+                shown.join(", ")
+            },
+            resume: latest_checkpoint(&cfg.output).map_or_else(
+                || cfg.output.join("checkpoint-N").display().to_string(),
+                |p| p.display().to_string(),
+            ),
+        });
+    }
+    if cfg.overwrite && same_dir(&cfg.output, &cfg.model.model) {
+        // Clearing it would delete the model being trained, and a run that then fails would leave nothing.
+        return Err(TrainError::Config(format!(
+            "--overwrite with --output {} would delete the --model it trains (the same directory); choose another \
+             --output",
+            cfg.output.display()
+        )));
+    }
     let device = cfg.model.device.open()?;
     let dtype = cfg.model.dtype.dtype();
-    // Length limits are checked before anything is loaded.
-    cfg.records.tokenize_options().map_err(TrainError::Config)?;
     let resume_state = match &cfg.resume {
         Some(dir) => Some(load_checkpoint_state(dir)?),
         None => None,
     };
+    // Bad records fail here, with their line, before the model is loaded.
+    let read = read_records(&cfg.data, &cfg.records.read_options(true))?;
     // A resumed run continues from the checkpoint's weights (same architecture, tokenizer and side files).
     let model_path = cfg.resume.as_ref().unwrap_or(&cfg.model.model);
+    if let Some(config) = config_of(model_path) {
+        check_max_len(cfg.records.max_len, &config, model_path)?;
+    }
     let loaded = load_model(model_path, &device, dtype)?;
-    let data = prepare(&cfg.data, &cfg.records, &loaded)?;
+    // Again for GGUF files, whose config comes with the weights.
+    check_max_len(cfg.records.max_len, &loaded.side.config, model_path)?;
+    let data = tokenize_all(&cfg.data, read, &cfg.records, &loaded)?;
     let eval = match &cfg.eval_data {
         Some(p) => Some(prepare(p, &cfg.records, &loaded)?),
         None => None,
@@ -295,6 +558,20 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             "nothing to do: 0 training steps (check --epochs / --max-steps)".into(),
         ));
     }
+    let run = run_fingerprint(cfg, tok_opts.max_query_len, data_fingerprint(&cfg.data)?);
+    if let (Some((state, _)), Some(dir)) = (&resume_state, &cfg.resume) {
+        // First by flag: a changed --batch-queries also changes the step count, and the flag is the better news.
+        if let Some(then) = &state.run {
+            check_same_run(dir, then, &run)?;
+        }
+        if state.n_records != n as u64 || state.seed != cfg.seed || state.total_steps != total_steps
+        {
+            return Err(TrainError::Config(format!(
+                "--resume: the checkpoint was written by a run with {} records, seed {} and {} steps; this run has {n}, {} and {total_steps}: pass the same data and flags",
+                state.n_records, state.seed, state.total_steps, cfg.seed
+            )));
+        }
+    }
     let warmup = warmup_steps(cfg.warmup_ratio, total_steps);
     let loss_cfg = LossConfig {
         rank_weight: cfg.rank_weight,
@@ -302,6 +579,11 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         margin: cfg.margin,
         sft_reduction: cfg.sft_reduction,
     };
+
+    // Validated: from here on the output directory is written.
+    if cfg.overwrite && !previous.is_empty() {
+        clear_previous_run(&cfg.output)?;
+    }
     std::fs::create_dir_all(&cfg.output).map_err(|e| ModelError::io(&cfg.output, e))?;
     let args_text =
         serde_json::to_string_pretty(args_json).map_err(|e| TrainError::Config(e.to_string()))?;
@@ -318,16 +600,11 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         },
     )?;
     let mut start_step = 0;
+    let mut skipped_nonfinite = 0u64;
     if let Some((state, opt)) = &resume_state {
-        if state.n_records != n as u64 || state.seed != cfg.seed || state.total_steps != total_steps
-        {
-            return Err(TrainError::Config(format!(
-                "--resume: the checkpoint was written by a run with {} records, seed {} and {} steps; this run has {n}, {} and {total_steps}: pass the same data and flags",
-                state.n_records, state.seed, state.total_steps, cfg.seed
-            )));
-        }
-        optimizer.load_state(opt, state.step)?;
+        optimizer.load_state(opt, state.optimizer_steps.unwrap_or(state.step))?;
         start_step = state.step;
+        skipped_nonfinite = state.skipped_nonfinite;
     }
     let mut metrics = MetricsLog::open(
         &cfg.output.join("metrics.jsonl"),
@@ -349,6 +626,9 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
     let mut order_epoch = u64::MAX;
     let mut last_loss = f64::NAN;
     let (mut tokens_done, mut time_spent) = (0usize, 0f64);
+    // The newest checkpoint whose weights are known good (named when a step has to stop the run).
+    let mut last_checkpoint: Option<PathBuf> = cfg.resume.clone();
+    let mut final_checkpoint: Option<PathBuf> = None;
     for step in start_step..total_steps {
         let t0 = Instant::now();
         let epoch = step / steps_per_epoch;
@@ -358,11 +638,10 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             order_epoch = epoch;
         }
         let offset = ((step % steps_per_epoch) as usize) * per_step;
-        let picked: Vec<&TokenizedRecord> = order[offset..(offset + per_step).min(n)]
-            .iter()
-            .map(|&i| &data.records[i])
-            .collect();
+        let picked_idx = &order[offset..(offset + per_step).min(n)];
+        let picked: Vec<&TokenizedRecord> = picked_idx.iter().map(|&i| &data.records[i]).collect();
         let lr = lr_at(cfg.schedule, cfg.lr, step, warmup, total_steps);
+        let done = step + 1;
         let mut acc: Vec<Option<Tensor>> = vec![None; var_list.len()];
         let stats = run_queries(
             &model,
@@ -372,43 +651,92 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             pad_id,
             &device,
             Some((&var_list, &mut acc)),
+            fault_nan_at(done),
         )?;
-        let mut grads: Vec<Tensor> = Vec::with_capacity(acc.len());
-        for (v, g) in var_list.iter().zip(acc) {
-            grads.push(match g {
-                Some(g) => g,
-                // A parameter outside the graph of this step's loss gets a zero gradient (AdamW still decays it).
-                None => Tensor::zeros(v.shape(), v.dtype(), v.device())?,
-            });
+        // Which records to blame, and for what: the micro-batch whose loss was not finite, or (a finite loss with
+        // a non-finite gradient norm) every micro-batch of the step.
+        let mut nonfinite: Option<(&'static str, f64, &[usize])> = stats
+            .nonfinite
+            .as_ref()
+            .map(|(range, loss)| (LOSS, *loss, &picked_idx[range.clone()]));
+        let mut grad_norm = f64::NAN;
+        let mut grads: Vec<Tensor> = Vec::new();
+        if nonfinite.is_none() {
+            grads.reserve(acc.len());
+            for (v, g) in var_list.iter().zip(acc) {
+                grads.push(match g {
+                    Some(g) => g,
+                    // A parameter outside the graph of this step's loss gets a zero gradient (AdamW still decays it).
+                    None => Tensor::zeros(v.shape(), v.dtype(), v.device())?,
+                });
+            }
+            grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+            if !grad_norm.is_finite() {
+                nonfinite = Some(("the gradient norm", grad_norm, picked_idx));
+            }
         }
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-        optimizer.step(&grads, lr)?;
-        let secs = t0.elapsed().as_secs_f64();
-        tokens_done += stats.tokens;
-        time_spent += secs;
-        last_loss = stats.mean(stats.loss);
-        let done = step + 1;
-        metrics.write(&json!({
-            "step": done,
-            "epoch": done as f64 / steps_per_epoch as f64,
-            "loss": last_loss,
-            "rank_loss": stats.mean(stats.rank_loss),
-            "sft_loss": stats.mean(stats.sft_loss),
-            "rank_acc": stats.rank_acc(),
-            "p_best": stats.mean(stats.p_best),
-            "p_worst": stats.mean(stats.p_worst),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": stats.tokens,
-            "tokens_per_s": stats.tokens as f64 / secs,
-            "step_s": secs,
-        }))?;
-        progress.step(done, last_loss, stats.tokens as f64 / secs);
+        if let Some((what, value, blamed)) = nonfinite {
+            let origins: Vec<String> = blamed.iter().map(|&i| data.origin(i)).collect();
+            if skipped_nonfinite >= cfg.skip_nonfinite {
+                metrics.write(&json!({
+                    "step": done,
+                    "nonfinite": what,
+                    "records": origins,
+                    "stopped": true,
+                }))?;
+                return Err(nonfinite_error(
+                    cfg,
+                    done,
+                    what,
+                    value,
+                    &origins,
+                    last_checkpoint.as_deref(),
+                    skipped_nonfinite,
+                ));
+            }
+            skipped_nonfinite += 1;
+            metrics.write(&json!({
+                "step": done,
+                "epoch": done as f64 / steps_per_epoch as f64,
+                "skipped_nonfinite": skipped_nonfinite,
+                "nonfinite": what,
+                "records": origins,
+                "lr": lr,
+            }))?;
+            progress.message(&format!(
+                "step {done}: {what} is {value}; step skipped, no update ({skipped_nonfinite} of at most {} skipped; records {})",
+                cfg.skip_nonfinite,
+                origins.join(", ")
+            ));
+        } else {
+            optimizer.step(&grads, lr)?;
+            let secs = t0.elapsed().as_secs_f64();
+            tokens_done += stats.tokens;
+            time_spent += secs;
+            last_loss = stats.mean(stats.loss);
+            metrics.write(&json!({
+                "step": done,
+                "epoch": done as f64 / steps_per_epoch as f64,
+                "loss": last_loss,
+                "rank_loss": stats.mean(stats.rank_loss),
+                "sft_loss": stats.mean(stats.sft_loss),
+                "rank_acc": stats.rank_acc(),
+                "p_best": stats.mean(stats.p_best),
+                "p_worst": stats.mean(stats.p_worst),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "skipped_nonfinite": skipped_nonfinite,
+                "tokens": stats.tokens,
+                "tokens_per_s": stats.tokens as f64 / secs,
+                "step_s": secs,
+            }))?;
+            progress.step(done, last_loss, stats.tokens as f64 / secs);
+        }
         let is_last = done == total_steps;
         if let Some(ev) = &eval {
             if is_last || cfg.eval_every.is_some_and(|k| k > 0 && done % k == 0) {
                 let refs: Vec<&TokenizedRecord> = ev.records.iter().collect();
-                let s = run_queries(&model, &refs, cfg, &loss_cfg, pad_id, &device, None)?;
+                let s = run_queries(&model, &refs, cfg, &loss_cfg, pad_id, &device, None, false)?;
                 metrics.write(&json!({
                     "step": done,
                     "eval_loss": s.mean(s.loss),
@@ -425,6 +753,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             }
         }
         if is_last || cfg.save_every.is_some_and(|k| k > 0 && done % k == 0) {
+            check_finite_weights(model.weights())?;
             let state = TrainerState {
                 step: done,
                 total_steps,
@@ -433,8 +762,11 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 seed: cfg.seed,
                 n_records: n as u64,
                 rrhf_version: env!("CARGO_PKG_VERSION").into(),
+                skipped_nonfinite,
+                optimizer_steps: Some(optimizer.steps()),
+                run: Some(run.clone()),
             };
-            save_checkpoint(
+            let dir = save_checkpoint(
                 &cfg.output,
                 &CheckpointParts {
                     weights: model.weights(),
@@ -447,16 +779,28 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 },
                 cfg.save_total_limit,
             )?;
+            if is_last {
+                final_checkpoint = Some(dir.clone());
+            }
+            last_checkpoint = Some(dir);
         }
     }
-    // The final model, in Hugging Face layout, at the top of the output directory.
-    save_pretrained(
-        &cfg.output,
-        model.weights(),
-        &loaded.tokenizer,
-        &loaded.side,
-        cfg.save_dtype.map(DTypeSpec::dtype).or(Some(dtype)),
-    )?;
+    // The final model, in Hugging Face layout, at the top of the output directory. When the last checkpoint holds
+    // exactly these files (same dtype), they are linked rather than written a second time.
+    let save_dtype = cfg.save_dtype.map_or(dtype, DTypeSpec::dtype);
+    match final_checkpoint {
+        Some(ck) if save_dtype == dtype => link_pretrained(&ck, &cfg.output)?,
+        _ => {
+            check_finite_weights(model.weights())?;
+            save_pretrained(
+                &cfg.output,
+                model.weights(),
+                &loaded.tokenizer,
+                &loaded.side,
+                Some(save_dtype),
+            )?
+        }
+    }
     plot_metrics(&cfg.output)?;
     Ok(TrainSummary {
         steps: total_steps,
@@ -469,7 +813,60 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         skipped_records: data.skipped,
         truncated_queries: data.truncated_queries,
         truncated_responses: data.truncated_responses,
+        skipped_nonfinite,
     })
+}
+
+/// What [`TrainError::NonFinite`] names when the loss itself is not finite.
+const LOSS: &str = "the loss";
+
+/// The error that stops a run at a non-finite step, saying which records and what to do next.
+fn nonfinite_error(
+    cfg: &TrainConfig,
+    step: u64,
+    what: &'static str,
+    value: f64,
+    origins: &[String],
+    last_checkpoint: Option<&Path>,
+    skipped: u64,
+) -> TrainError {
+    const SHOWN: usize = 16;
+    let mut records = origins
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if origins.len() > SHOWN {
+        records += &format!(" and {} more", origins.len() - SHOWN);
+    }
+    let resume = match last_checkpoint {
+        Some(ck) => format!(
+            "The last good checkpoint is {}; continue from it with --resume once the cause is fixed",
+            ck.display()
+        ),
+        None => "No checkpoint was written before it (--save-every N writes some)".into(),
+    };
+    let skip = if cfg.skip_nonfinite > 0 {
+        format!(
+            ", or allow more than the {skipped} skipped steps --skip-nonfinite {} allows",
+            cfg.skip_nonfinite
+        )
+    } else {
+        ", or pass --skip-nonfinite N to skip up to N such steps".into()
+    };
+    TrainError::NonFinite {
+        step,
+        what,
+        scope: if what == LOSS {
+            "records of the micro-batch"
+        } else {
+            "records of the step"
+        },
+        value,
+        records,
+        next: format!("{resume}{skip}."),
+    }
 }
 
 /// Draws `loss.png` from `metrics.jsonl` (the paper's Figure 3: the loss terms against the step).

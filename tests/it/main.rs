@@ -9,6 +9,7 @@ mod gradients;
 mod loss;
 mod packing;
 mod reference;
+mod reliability;
 mod sample;
 mod save;
 mod score;

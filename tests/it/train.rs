@@ -7,22 +7,22 @@ use serde_json::Value;
 
 use crate::common::fixtures;
 
-fn bin() -> Command {
+pub(crate) fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rrhf"))
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn scratch(tag: &str) -> PathBuf {
+pub(crate) fn scratch(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("rrhf-train-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
-fn run_ok(cmd: &mut Command) -> String {
+pub(crate) fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "command failed: {stderr}");
@@ -30,7 +30,7 @@ fn run_ok(cmd: &mut Command) -> String {
 }
 
 /// Train on the tiny example set with the fixture model; extra flags appended.
-fn train_cmd(out: &Path, extra: &[&str]) -> Command {
+pub(crate) fn train_cmd(out: &Path, extra: &[&str]) -> Command {
     let mut c = bin();
     c.args(["train", "--model"])
         .arg(fixtures().join("models/llama"))
@@ -54,7 +54,7 @@ fn train_cmd(out: &Path, extra: &[&str]) -> Command {
     c
 }
 
-fn metrics(out: &Path) -> Vec<Value> {
+pub(crate) fn metrics(out: &Path) -> Vec<Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -62,7 +62,7 @@ fn metrics(out: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn train_losses(out: &Path) -> Vec<f64> {
+pub(crate) fn train_losses(out: &Path) -> Vec<f64> {
     metrics(out)
         .iter()
         .filter_map(|v| v.get("loss").and_then(Value::as_f64))

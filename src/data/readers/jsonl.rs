@@ -56,6 +56,7 @@ pub(super) fn read(path: &Path, opts: &ReadOptions) -> Result<ReadOutcome, DataE
         let bad = match record {
             Ok(r) => {
                 out.records.push(r);
+                out.lines.push(line_no);
                 continue;
             }
             Err(bad) => bad,

@@ -125,6 +125,8 @@ impl Default for ReadOptions {
 #[derive(Debug, Default)]
 pub struct ReadOutcome {
     pub records: Vec<Record>,
+    /// The 1-based line (JSONL) or row (Parquet) of each record, so later stages can say `FILE:LINE`.
+    pub lines: Vec<usize>,
     pub skipped: Vec<DataError>,
 }
 

@@ -83,7 +83,10 @@ pub(super) fn read(path: &Path, opts: &ReadOptions) -> Result<ReadOutcome, DataE
         let n = i + 1;
         let row = row.map_err(|e| unreadable(path, Some(n), e))?;
         match row_value(&row).and_then(|v| convert::to_record(&v, format, opts)) {
-            Ok(r) => out.records.push(r),
+            Ok(r) => {
+                out.records.push(r);
+                out.lines.push(n);
+            }
             Err(bad) => {
                 let e = DataError::invalid(
                     path,

@@ -1,9 +1,6 @@
-//! Writing records as JSONL, atomically.
+//! Writing records as JSONL, atomically (`crate::fsutil`).
 
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use crate::data::error::DataError;
 use crate::data::record::Record;
@@ -17,12 +14,13 @@ pub fn write_records(path: &Path, records: &[Record]) -> Result<(), DataError> {
     for (i, r) in records.iter().enumerate() {
         check(path, i, r)?;
     }
-    let tmp = temp_path(path);
-    let result = write_to(&tmp, records).and_then(|()| fs::rename(&tmp, path));
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(DataError::io(path, e));
-    }
+    crate::fsutil::write_atomic_with(path, |w| {
+        for r in records {
+            serde_json::to_writer(&mut *w, r)?;
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    })?;
     Ok(())
 }
 
@@ -58,28 +56,4 @@ fn check(path: &Path, i: usize, r: &Record) -> Result<(), DataError> {
         }
     }
     Ok(())
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "records".into());
-    let unique = format!(
-        ".{name}.tmp.{}.{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    path.with_file_name(unique)
-}
-
-fn write_to(tmp: &Path, records: &[Record]) -> std::io::Result<()> {
-    let mut w = BufWriter::new(File::create(tmp)?);
-    for r in records {
-        serde_json::to_writer(&mut w, r)?;
-        w.write_all(b"\n")?;
-    }
-    let file = w.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()
 }
