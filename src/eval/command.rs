@@ -279,9 +279,10 @@ fn sample_config(
         diversity_penalty: None,
         beam_length_penalty: None,
         early_stopping: None,
-        temperature: Some(cfg.temperature),
-        top_k: Some(cfg.top_k),
-        top_p: Some(cfg.top_p),
+        // Sampling parameters only for --best-of (greedy decoding has none).
+        temperature: best_of.map(|_| cfg.temperature),
+        top_k: best_of.map(|_| cfg.top_k),
+        top_p: best_of.map(|_| cfg.top_p),
         seed: cfg.seed,
         max_new_tokens: cfg.max_new_tokens,
         max_prompt_len: cfg.max_prompt_len,
@@ -508,10 +509,8 @@ fn header(
             cfg.seed
         ));
     }
-    h.push(format!(
-        "Gen. len.: mean generation length in the model's tokens; {} {}",
-        cfg.device, cfg.dtype
-    ));
+    h.push("Gen. len.: mean length of the greedy generations in the model's own tokens".into());
+    h.push(format!("device {}, dtype {}", cfg.device, cfg.dtype));
     h
 }
 

@@ -131,6 +131,39 @@ impl Report {
                 cell(Some(m.gen_len_mean), 1),
             ]));
         }
+        // What the averages leave out or cut, per model.
+        let mut notes = Vec::new();
+        for m in &self.models {
+            let mut what = Vec::new();
+            if m.unscored > 0 {
+                what.push(format!(
+                    "{} generations the reward could not score",
+                    m.unscored
+                ));
+            }
+            if m.empty > 0 {
+                what.push(format!("{} empty generations", m.empty));
+            }
+            if m.ppl_excluded > 0 {
+                what.push(format!(
+                    "{} without a token to score, left out of PPL",
+                    m.ppl_excluded
+                ));
+            }
+            if m.ppl_truncated > 0 {
+                what.push(format!(
+                    "{} cut to the evaluator's positions for PPL",
+                    m.ppl_truncated
+                ));
+            }
+            if !what.is_empty() {
+                notes.push(format!("- `{}`: {}\n", m.model, what.join("; ")));
+            }
+        }
+        if !notes.is_empty() {
+            s.push('\n');
+            s.extend(notes);
+        }
         if let Some(t) = &self.train_data {
             s.push_str(&format!(
                 "\nTraining data `{}` (Table 6: max = mean over queries of the best reward):\n\n",
@@ -304,6 +337,18 @@ mod tests {
         );
         assert!(md.contains("`runs/b\\|c`"), "{md}");
         assert_eq!(md.matches("\n| `").count(), 2);
+        assert!(!md.contains("left out"), "{md}");
+        let mut m = model("runs/c");
+        (m.empty, m.ppl_excluded, m.ppl_truncated) = (1, 1, 2);
+        let md = Report {
+            models: vec![m],
+            ..r
+        }
+        .markdown();
+        assert!(
+            md.contains("- `runs/c`: 1 empty generations; 1 without a token to score, left out of PPL; 2 cut to"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -461,7 +461,13 @@ fn draw_bars(
             [v - e, v + e]
         })
     });
-    let (y_lo, y_hi) = padded_range(ends.chain([0.0]), 0.12);
+    let (y_lo, y_hi) = padded_range(ends.chain([0.0]), 0.1);
+    // Headroom above the tallest bar for the legend (upper right) so that it covers no bar or value: the
+    // legend's share of the plot's height (its rows of ≈ 20 px plus margins), at most 60%.
+    let plot_px = (f64::from(area.dim_in_pixel().1) - 45.0 - 24.0).max(50.0);
+    let legend_px = 36.0 + 20.0 * series.len() as f64;
+    let share = (legend_px / plot_px).min(0.6);
+    let y_hi = y_hi + (y_hi - y_lo) * share / (1.0 - share);
     let y_decimals = decimals(y_hi - y_lo, Y_LABELS);
     let y_fmt = move |y: &f64| format!("{y:.y_decimals$}");
     // Ticks fall on the integers (n ticks at step 1 on a span of n), which name the categories.
@@ -867,6 +873,49 @@ mod tests {
         )
         .unwrap();
         assert!(leftovers(&dir.0).is_empty());
+    }
+
+    #[test]
+    fn bar_panels_draw_grouped_bars_with_whiskers_and_skip_missing_values() {
+        let dir = TempDir::new("bars");
+        let path = dir.0.join("bars.png");
+        let models: Vec<String> = ["base", "rrhf", "sft"].map(String::from).to_vec();
+        let mut greedy = BarSeries::new("greedy", vec![Some(-0.8), Some(0.4), Some(f64::NAN)]);
+        greedy.errors = vec![Some(0.1), None, Some(0.2)];
+        let best = BarSeries::new("best-of-4", vec![Some(0.2), None, Some(0.9)]);
+        let ppl = BarSeries::new("PPL", vec![Some(20.0), Some(35.5), Some(18.0)]);
+        plot_bars(
+            &path,
+            "eval",
+            &models,
+            &[
+                ("reward", vec![greedy, best]),
+                ("perplexity", vec![ppl]),
+                ("nothing", vec![BarSeries::new("x", vec![None, None, None])]),
+            ],
+        )
+        .unwrap();
+        keep(&path);
+        let (w, h, rgb) = decode_png(&std::fs::read(&path).unwrap());
+        assert_eq!((w, h), (WIDTH, HEIGHT));
+        let stride = WIDTH as usize * 3;
+        let count = |y0: usize, y1: usize, c: [u8; 3]| {
+            rgb[y0 * stride..y1 * stride]
+                .chunks_exact(3)
+                .filter(|p| p == &c)
+                .count()
+        };
+        // Filled bars of both series in the first panel, the perplexity bars in the second, none in the third.
+        assert!(count(40, 290, [31, 119, 180]) > 2000);
+        assert!(count(40, 290, [255, 127, 14]) > 2000);
+        assert!(count(290, 540, [31, 119, 180]) > 5000);
+        assert_eq!(count(540, 800, [31, 119, 180]), 0);
+        assert!(ink(&rgb, 540, 800) > 200, "no 'no data' text");
+        assert!(leftovers(&dir.0).is_empty());
+        assert_eq!(
+            clean_bars(&[BarSeries::new("x", vec![Some(1.0)])], 2)[0].values,
+            [Some(1.0), None]
+        );
     }
 
     #[test]
