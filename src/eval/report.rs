@@ -135,25 +135,23 @@ impl Report {
         let mut notes = Vec::new();
         for m in &self.models {
             let mut what = Vec::new();
+            let n = |k: usize| format!("{k} generation{}", if k == 1 { "" } else { "s" });
             if m.unscored > 0 {
-                what.push(format!(
-                    "{} generations the reward could not score",
-                    m.unscored
-                ));
+                what.push(format!("{} the reward could not score", n(m.unscored)));
             }
             if m.empty > 0 {
-                what.push(format!("{} empty generations", m.empty));
+                what.push(format!("{} empty", n(m.empty)));
             }
             if m.ppl_excluded > 0 {
                 what.push(format!(
                     "{} without a token to score, left out of PPL",
-                    m.ppl_excluded
+                    n(m.ppl_excluded)
                 ));
             }
             if m.ppl_truncated > 0 {
                 what.push(format!(
                     "{} cut to the evaluator's positions for PPL",
-                    m.ppl_truncated
+                    n(m.ppl_truncated)
                 ));
             }
             if !what.is_empty() {
@@ -346,7 +344,10 @@ mod tests {
         }
         .markdown();
         assert!(
-            md.contains("- `runs/c`: 1 empty generations; 1 without a token to score, left out of PPL; 2 cut to"),
+            md.contains(
+                "- `runs/c`: 1 generation empty; 1 generation without a token to score, left out of PPL; \
+                 2 generations cut to"
+            ),
             "{md}"
         );
     }

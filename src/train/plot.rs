@@ -513,7 +513,8 @@ fn draw_bars(
         for (i, (v, e)) in s.values.iter().zip(&s.errors).enumerate() {
             let Some(v) = *v else { continue };
             let mid = left(i) + width / 2.0;
-            if let Some(e) = *e {
+            // A zero error (one value, or all equal) draws no whisker.
+            if let Some(e) = e.filter(|e| *e > 0.0) {
                 let cap = width / 6.0;
                 let ink = BLACK.stroke_width(2);
                 chart.draw_series([
