@@ -150,20 +150,25 @@ pub struct EvalConfig {
 /// An error of `rrhf eval`.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
+    /// A prompt, pairs or training file that cannot be read, or an output that cannot be written.
     #[error(transparent)]
     Data(#[from] DataError),
+    /// A model that cannot be loaded or run.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The reward could not be loaded, or failed while scoring.
     #[error("--reward {spec}: {source}")]
     Reward {
         spec: String,
         source: Box<ScoreError>,
     },
+    /// Generating with a model failed.
     #[error("{model}: {source}")]
     Sample {
         model: PathBuf,
         source: Box<SampleError>,
     },
+    /// Ranking `--pairs` with a model failed.
     #[error("{model}: --pairs: {source}")]
     Rank {
         model: PathBuf,
@@ -360,7 +365,9 @@ impl Drop for Scratch {
 /// What `rrhf eval` did: the report and the seconds it took.
 #[derive(Debug, Clone)]
 pub struct EvalSummary {
+    /// What was written to the output directory.
     pub report: Report,
+    /// Wall time of the run.
     pub seconds: f64,
 }
 

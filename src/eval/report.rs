@@ -47,8 +47,11 @@ pub struct ModelReport {
 /// One line of `generations.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GenerationLine {
+    /// The model path as given to `--model`.
     pub model: String,
+    /// The prompt.
     pub query: String,
+    /// The greedy generation, cut at the first stop string.
     pub response: String,
     /// `None` when the reward could not score it.
     pub reward: Option<f64>,
@@ -62,7 +65,9 @@ pub struct GenerationLine {
 /// Table-6 statistics of `--train-data`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainDataReport {
+    /// The `--train-data` path.
     pub file: String,
+    /// `all`, then one row per source.
     pub stats: Vec<RewardStats>,
 }
 
@@ -77,7 +82,9 @@ pub struct Report {
     /// `N` of `--best-of`, for the column name.
     #[serde(skip)]
     pub best_of: Option<usize>,
+    /// One entry per `--model`, in order.
     pub models: Vec<ModelReport>,
+    /// Statistics of `--train-data`, when given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_data: Option<TrainDataReport>,
 }

@@ -86,8 +86,11 @@ pub fn plot_curves(path: &Path, title: &str, panels: &[(&str, Vec<Series>)]) -> 
 /// `None` leaves the category without a bar of this series.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BarSeries {
+    /// The legend entry.
     pub name: String,
+    /// One value per category.
     pub values: Vec<Option<f64>>,
+    /// Half-width of each value's whisker (e.g. a standard error).
     pub errors: Vec<Option<f64>>,
 }
 
