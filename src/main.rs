@@ -40,6 +40,9 @@ enum Command {
     Sample(SampleConfig),
     /// Fill `scores` with a reward model, an LLM judge, VADER, a policy's p_i or the data's labels (+ KL penalty).
     Score(rrhf::score::ScoreConfig),
+    /// The paper's metrics for one or more models: average reward of greedy generations, perplexity under an
+    /// evaluator LM, RM accuracy of p_i, best-of-n; report.json, report.md, generations.jsonl, eval.png.
+    Eval(rrhf::eval::command::EvalConfig),
     /// Per-token log-probabilities of a text under a model.
     Logprobs(LogprobsArgs),
     /// Convert a GGUF file (llama architecture) into a Hugging Face model directory.
@@ -275,6 +278,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Score(cfg) => Ok(rrhf::score::command::run_cli(&cfg)?),
+        Command::Eval(cfg) => Ok(rrhf::eval::command::run_cli(&cfg)?),
         Command::Logprobs(a) => logprobs(a),
         Command::Convert(a) => convert(a),
         Command::Bench { which } => match which {

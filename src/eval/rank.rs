@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use candle_core::Device;
 use serde::Serialize;
 use serde_json::json;
 
@@ -12,7 +13,7 @@ use crate::data::batch::{build_batch, Layout};
 use crate::data::tokenize::TokenizedRecord;
 use crate::fsutil::write_atomic;
 use crate::model::load::ModelArgs;
-use crate::model::ModelError;
+use crate::model::{LoadedModel, ModelError};
 use crate::train::loss::{rrhf_loss, LossConfig};
 use crate::train::trainer::{prepare, TrainError};
 
@@ -56,7 +57,16 @@ pub struct RankSummary {
 /// Runs `rrhf rank`.
 pub fn rank(cfg: &RankConfig) -> Result<RankSummary, TrainError> {
     let (m, device) = cfg.model.load()?;
-    let data = prepare(&cfg.data, &cfg.records, &m)?;
+    rank_with_model(cfg, &m, &device)
+}
+
+/// Runs `rrhf rank` with the model already loaded on `device` (`cfg.model` is not read again).
+pub fn rank_with_model(
+    cfg: &RankConfig,
+    m: &LoadedModel,
+    device: &Device,
+) -> Result<RankSummary, TrainError> {
+    let data = prepare(&cfg.data, &cfg.records, m)?;
     let loss_cfg = LossConfig {
         length_penalty: cfg.length_penalty,
         ..LossConfig::default()
@@ -65,7 +75,7 @@ pub fn rank(cfg: &RankConfig) -> Result<RankSummary, TrainError> {
     let (mut pairs, mut right) = (0usize, 0usize);
     for chunk in data.records.chunks(cfg.batch_queries.max(1)) {
         let refs: Vec<&TokenizedRecord> = chunk.iter().collect();
-        let batch = build_batch(&refs, cfg.layout, m.tokenizer.pad_id, &device)?;
+        let batch = build_batch(&refs, cfg.layout, m.tokenizer.pad_id, device)?;
         let lp = m.model.label_logprobs(&batch.input, &batch.labels)?;
         let scores: Vec<Vec<f64>> = chunk.iter().map(|r| r.scores.clone()).collect();
         let res = rrhf_loss(

@@ -697,6 +697,20 @@ fn early_name(e: &EarlyStopping) -> &'static str {
 // ---------------------------------------------------------------------------------------------------------------
 // Text handling.
 
+/// The stop strings of a run: `given` without empty ones (`--stop ""` turns stops off) or, when none is given,
+/// `Human:` and `Assistant:` for HH-style prompts (any containing "\n\nHuman:") and none otherwise.
+pub fn resolve_stops(given: &[String], prompts: &[Prompt]) -> Vec<String> {
+    if given.is_empty() {
+        if prompts.iter().any(|p| p.query.contains(HH_HUMAN)) {
+            HH_STOPS.iter().map(|s| s.to_string()).collect()
+        } else {
+            Vec::new()
+        }
+    } else {
+        given.iter().filter(|s| !s.is_empty()).cloned().collect()
+    }
+}
+
 /// The byte offset of the first stop string in `text`, if any.
 pub fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter_map(|s| text.find(s.as_str())).min()
@@ -727,7 +741,7 @@ fn continuation(
 }
 
 /// Prompt ids left-truncated to `max_len` tokens keeping BOS; whether it was cut.
-fn truncate_prompt(ids: Vec<u32>, max_len: usize, bos: Option<u32>) -> (Vec<u32>, bool) {
+pub fn truncate_prompt(ids: Vec<u32>, max_len: usize, bos: Option<u32>) -> (Vec<u32>, bool) {
     if ids.len() <= max_len {
         return (ids, false);
     }
@@ -810,6 +824,19 @@ fn read_existing(path: &Path) -> Result<Vec<Record>, DataError> {
 
 /// Runs `rrhf sample`.
 pub fn sample(cfg: &SampleConfig) -> Result<SampleSummary, SampleError> {
+    run(cfg, None)
+}
+
+/// Runs `rrhf sample` with a model already loaded on `cfg.device` (`cfg.model` still names it), so that a caller
+/// that also scores or ranks with the model (`rrhf eval`) loads it once.
+pub fn sample_with_model(
+    cfg: &SampleConfig,
+    model: &LoadedModel,
+) -> Result<SampleSummary, SampleError> {
+    run(cfg, Some(model))
+}
+
+fn run(cfg: &SampleConfig, preloaded: Option<&LoadedModel>) -> Result<SampleSummary, SampleError> {
     let plan = plan(cfg)?;
     if cfg.max_new_tokens == 0 && plan.k > 0 {
         return Err(config_err("--max-new-tokens must be at least 1"));
@@ -832,15 +859,7 @@ pub fn sample(cfg: &SampleConfig) -> Result<SampleSummary, SampleError> {
             )));
         }
     }
-    let stops: Vec<String> = if cfg.stop.is_empty() {
-        if prompts.iter().any(|p| p.query.contains(HH_HUMAN)) {
-            HH_STOPS.iter().map(|s| s.to_string()).collect()
-        } else {
-            Vec::new()
-        }
-    } else {
-        cfg.stop.iter().filter(|s| !s.is_empty()).cloned().collect()
-    };
+    let stops = resolve_stops(&cfg.stop, &prompts);
     eprintln!("{}", describe(&plan, cfg, &stops));
 
     // The existing output and the prompts still to do.
@@ -901,7 +920,7 @@ pub fn sample(cfg: &SampleConfig) -> Result<SampleSummary, SampleError> {
         dirty: true,
     };
 
-    let mut source = Source::open(cfg, &plan)?;
+    let mut source = Source::open(cfg, &plan, preloaded)?;
     // Blocks of absolute prompt indices: a resumed run meets the same batches (and sampling seeds) as one run.
     let block = match &source {
         Source::Endpoint { .. } => cfg.batch_prompts.max(cfg.concurrency).max(1),
@@ -1080,13 +1099,23 @@ enum Source {
 type BatchResult = (Vec<Texts>, Option<SampleError>);
 
 impl Source {
-    fn open(cfg: &SampleConfig, plan: &Plan) -> Result<Source, SampleError> {
+    fn open(
+        cfg: &SampleConfig,
+        plan: &Plan,
+        preloaded: Option<&LoadedModel>,
+    ) -> Result<Source, SampleError> {
         match &plan.generator {
             Generator::None => Ok(Source::None),
             Generator::Local { strategy, .. } => {
-                let path = cfg.model.as_ref().expect("checked by plan()");
-                let device = cfg.device.open()?;
-                let model = load_model(path, &device, cfg.dtype.dtype())?;
+                let model = match preloaded {
+                    // A clone shares the weights' storage.
+                    Some(m) => m.clone(),
+                    None => {
+                        let path = cfg.model.as_ref().expect("checked by plan()");
+                        let device = cfg.device.open()?;
+                        load_model(path, &device, cfg.dtype.dtype())?
+                    }
+                };
                 let mut max_prompt_len = cfg.max_prompt_len;
                 if let Some(positions) = model.model.max_positions() {
                     if cfg.max_new_tokens >= positions {

@@ -449,6 +449,71 @@ fn make_scorer(
     })
 }
 
+/// The reward of `--reward` loaded once, for commands that score responses of their own (`rrhf eval`): the same
+/// reward kinds and flags as `rrhf score`, without its files, resume or KL penalty.
+pub struct RewardFn {
+    scorer: Scorer,
+    device: candle_core::Device,
+    /// Records per call of the scorer (bounds memory as `rrhf score`'s chunks do).
+    chunk: usize,
+}
+
+impl RewardFn {
+    /// Checks the reward flags of `cfg` and loads the reward (model weights, judge client); `cfg.data`,
+    /// `cfg.output` and the KL flags are not used.
+    pub fn load(cfg: &ScoreConfig) -> Result<Self, ScoreError> {
+        check_flags(cfg)?;
+        let device = cfg.device.open()?;
+        let lp_opts = LogprobOptions {
+            tokenize: TokenizeOptions::new(cfg.max_len, cfg.max_query_len).map_err(config_err)?,
+            layout: cfg.layout,
+            batch_queries: cfg.batch_queries,
+        };
+        let scorer = make_scorer(cfg, &device, lp_opts)?;
+        let chunk = scorer.chunk(cfg);
+        Ok(RewardFn {
+            scorer,
+            device,
+            chunk,
+        })
+    }
+
+    /// Per record, one reward per response, or why the record could not be scored (a judge reply without
+    /// scores). A NaN or infinite reward is an error naming the record (0-based index + 1) and response.
+    pub fn score(&self, records: &[&Record]) -> Result<Vec<Result<Vec<f64>, String>>, ScoreError> {
+        let mut out = Vec::with_capacity(records.len());
+        for (c, chunk) in records.chunks(self.chunk.max(1)).enumerate() {
+            for (j, res) in self
+                .scorer
+                .score(chunk, &self.device)?
+                .into_iter()
+                .enumerate()
+            {
+                let i = c * self.chunk.max(1) + j;
+                if let Ok(s) = &res {
+                    if s.len() != records[i].responses.len() {
+                        return Err(config_err(format!(
+                            "record {}: {} scores for {} responses",
+                            i + 1,
+                            s.len(),
+                            records[i].responses.len()
+                        )));
+                    }
+                    if let Some((r, x)) = s.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                        return Err(ScoreError::NonFinite(format!(
+                            "record {}, response {}: the reward is {x} (with --dtype f16/bf16 try f32)",
+                            i + 1,
+                            r + 1
+                        )));
+                    }
+                }
+                out.push(res);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// A progress line on stderr: redrawn in place on a terminal, a line every 10% otherwise.
 struct Progress {
     total: usize,

@@ -600,39 +600,11 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
             for g in grads.iter_mut() {
-                scale_grad(g, coef)?;
+                *g = g.affine(coef, 0.0)?;
             }
         }
     }
     Ok(norm)
-}
-
-/// `g ← coef · g`: in place for contiguous f32 CPU gradients (a step's gradients are fresh buffers owned by the
-/// step, and a copy of all of them would add the model's size to the peak), by `affine` elsewhere. Both compute
-/// `g · coef` in f32.
-fn scale_grad(g: &mut Tensor, coef: f64) -> Result<()> {
-    struct Scale(f32);
-    impl candle_core::InplaceOp1 for Scale {
-        fn name(&self) -> &'static str {
-            "scale-in-place"
-        }
-        fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &Layout) -> candle_core::Result<()> {
-            let (candle_core::CpuStorage::F32(data), Some((a, b))) = (s, l.contiguous_offsets())
-            else {
-                candle_core::bail!("scale-in-place: expected a contiguous f32 tensor");
-            };
-            for x in &mut data[a..b] {
-                *x *= self.0;
-            }
-            Ok(())
-        }
-    }
-    if g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous() {
-        g.inplace_op1(&Scale(coef as f32))?;
-    } else {
-        *g = g.affine(coef, 0.0)?;
-    }
-    Ok(())
 }
 
 type NamedVars = Vec<(String, Var)>;

@@ -73,9 +73,54 @@ const PALETTE: [RGBColor; 8] = [
 pub fn plot_curves(path: &Path, title: &str, panels: &[(&str, Vec<Series>)]) -> Result<()> {
     register_font()?;
     let font = font()?;
-    let panels: Vec<(&str, Vec<Series>)> = panels
+    let panels: Vec<Panel> = panels
         .iter()
-        .map(|(label, series)| (*label, clean(series)))
+        .map(|(label, series)| Panel::Curves(label, clean(series)))
+        .collect();
+    let rgb = render(font, title, &panels).map_err(|e| draw_error(path, e))?;
+    let png = encode_png(WIDTH, HEIGHT, &rgb);
+    write_atomically(path, &png)
+}
+
+/// One series of a bar chart: a value (and optionally an error half-width, drawn as a whisker) per category;
+/// `None` leaves the category without a bar of this series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BarSeries {
+    /// The legend entry.
+    pub name: String,
+    /// One value per category.
+    pub values: Vec<Option<f64>>,
+    /// Half-width of each value's whisker (e.g. a standard error).
+    pub errors: Vec<Option<f64>>,
+}
+
+impl BarSeries {
+    /// A series named `name` with one value per category and no error whiskers.
+    pub fn new(name: impl Into<String>, values: Vec<Option<f64>>) -> Self {
+        BarSeries {
+            name: name.into(),
+            errors: vec![None; values.len()],
+            values,
+        }
+    }
+}
+
+/// Draws grouped bar charts (e.g. reward and perplexity per model): one panel per entry of `panels`, stacked
+/// vertically, each with one group of bars per entry of `categories` (named on the x axis) and one bar per series
+/// in a group, its value written on it; a 1200×800 PNG written to `path` atomically like [`plot_curves`].
+///
+/// Non-finite values are left out; a panel without any value says "no data".
+pub fn plot_bars(
+    path: &Path,
+    title: &str,
+    categories: &[String],
+    panels: &[(&str, Vec<BarSeries>)],
+) -> Result<()> {
+    register_font()?;
+    let font = font()?;
+    let panels: Vec<Panel> = panels
+        .iter()
+        .map(|(label, series)| Panel::Bars(label, categories, clean_bars(series, categories.len())))
         .collect();
     let rgb = render(font, title, &panels).map_err(|e| draw_error(path, e))?;
     let png = encode_png(WIDTH, HEIGHT, &rgb);
@@ -126,12 +171,29 @@ fn draw_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
 
 type DrawResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
+/// One panel of a figure: curves against step, or grouped bars over named categories.
+enum Panel<'a> {
+    Curves(&'a str, Vec<Series>),
+    Bars(&'a str, &'a [String], Vec<BarSeries>),
+}
+
+impl Panel<'_> {
+    fn label(&self) -> &str {
+        match self {
+            Panel::Curves(label, _) | Panel::Bars(label, _, _) => label,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Panel::Curves(_, series) => series.is_empty(),
+            Panel::Bars(_, _, series) => series.is_empty(),
+        }
+    }
+}
+
 /// Draws the figure into an RGB buffer of `WIDTH`×`HEIGHT` pixels.
-fn render(
-    font: &'static FontRef<'static>,
-    title: &str,
-    panels: &[(&str, Vec<Series>)],
-) -> DrawResult<Vec<u8>> {
+fn render(font: &'static FontRef<'static>, title: &str, panels: &[Panel]) -> DrawResult<Vec<u8>> {
     let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     {
         let root = Canvas {
@@ -141,14 +203,16 @@ fn render(
         .into_drawing_area();
         root.fill(&WHITE)?;
         let body = root.titled(title, (FAMILY, 30).into_font().color(&BLACK))?;
-        if panels.iter().all(|(_, series)| series.is_empty()) {
+        if panels.iter().all(Panel::is_empty) {
             no_data(&body, "no data")?;
         } else {
-            for (area, (label, series)) in body.split_evenly((panels.len(), 1)).iter().zip(panels) {
-                if series.is_empty() {
-                    no_data(area, &format!("{label}: no data"))?;
-                } else {
-                    draw_panel(area, label, series)?;
+            for (area, panel) in body.split_evenly((panels.len(), 1)).iter().zip(panels) {
+                match panel {
+                    p if p.is_empty() => no_data(area, &format!("{}: no data", p.label()))?,
+                    Panel::Curves(label, series) => draw_panel(area, label, series)?,
+                    Panel::Bars(label, categories, series) => {
+                        draw_bars(area, label, categories, series)?
+                    }
                 }
             }
         }
@@ -358,6 +422,127 @@ fn draw_panel(
     chart
         .configure_series_labels()
         .position(position)
+        .label_font((FAMILY, 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(160, 160, 160))
+        .margin(12)
+        .draw()?;
+    Ok(())
+}
+
+/// The bar series with non-finite values (and errors) removed, padded or cut to `n` categories, and those left
+/// without any value dropped.
+fn clean_bars(series: &[BarSeries], n: usize) -> Vec<BarSeries> {
+    let finite = |v: Option<f64>| v.filter(|x| x.is_finite());
+    series
+        .iter()
+        .map(|s| BarSeries {
+            name: s.name.clone(),
+            values: (0..n)
+                .map(|i| finite(s.values.get(i).copied().flatten()))
+                .collect(),
+            errors: (0..n)
+                .map(|i| finite(s.errors.get(i).copied().flatten()).map(f64::abs))
+                .collect(),
+        })
+        .filter(|s| s.values.iter().any(Option::is_some))
+        .collect()
+}
+
+/// Draws one bar panel: group `i` of bars centred at x = i, series side by side within 80% of the slot.
+fn draw_bars(
+    area: &DrawingArea<Canvas<'_>, Shift>,
+    y_label: &str,
+    categories: &[String],
+    series: &[BarSeries],
+) -> DrawResult<()> {
+    let n = categories.len().max(1);
+    // Bars start at 0, so 0 is always in range; whiskers widen it.
+    let ends = series.iter().flat_map(|s| {
+        s.values.iter().zip(&s.errors).flat_map(|(v, e)| {
+            let (v, e) = (v.unwrap_or(0.0), e.unwrap_or(0.0));
+            [v - e, v + e]
+        })
+    });
+    let (y_lo, y_hi) = padded_range(ends.chain([0.0]), 0.1);
+    // Headroom above the tallest bar for the legend (upper right) so that it covers no bar or value: the
+    // legend's share of the plot's height (its rows of ≈ 20 px plus margins), at most 60%.
+    let plot_px = (f64::from(area.dim_in_pixel().1) - 45.0 - 24.0).max(50.0);
+    let legend_px = 36.0 + 20.0 * series.len() as f64;
+    let share = (legend_px / plot_px).min(0.6);
+    let y_hi = y_hi + (y_hi - y_lo) * share / (1.0 - share);
+    let y_decimals = decimals(y_hi - y_lo, Y_LABELS);
+    let y_fmt = move |y: &f64| format!("{y:.y_decimals$}");
+    // Ticks fall on the integers (n ticks at step 1 on a span of n), which name the categories.
+    let x_fmt = |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < categories.len() {
+            categories[i as usize].clone()
+        } else {
+            String::new()
+        }
+    };
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(-0.5..n as f64 - 0.5, y_lo..y_hi)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_desc(y_label)
+        .x_label_formatter(&x_fmt)
+        .y_label_formatter(&y_fmt)
+        .x_labels(n)
+        .y_labels(Y_LABELS)
+        .max_light_lines(4)
+        .label_style((FAMILY, 15))
+        .axis_desc_style((FAMILY, 19))
+        .light_line_style(RGBColor(235, 235, 235))
+        .bold_line_style(RGBColor(205, 205, 205))
+        .draw()?;
+    let width = 0.8 / series.len().max(1) as f64;
+    let value_style = TextStyle::from((FAMILY, 14).into_font()).color(&BLACK);
+    for (k, s) in series.iter().enumerate() {
+        let color = PALETTE[k % PALETTE.len()];
+        let left = |i: usize| i as f64 - 0.4 + k as f64 * width;
+        let bars = s.values.iter().enumerate().filter_map(|(i, v)| {
+            v.map(|v| Rectangle::new([(left(i), 0.0), (left(i) + width, v)], color.filled()))
+        });
+        chart
+            .draw_series(bars)?
+            .label(s.name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
+        for (i, (v, e)) in s.values.iter().zip(&s.errors).enumerate() {
+            let Some(v) = *v else { continue };
+            let mid = left(i) + width / 2.0;
+            // A zero error (one value, or all equal) draws no whisker.
+            if let Some(e) = e.filter(|e| *e > 0.0) {
+                let cap = width / 6.0;
+                let ink = BLACK.stroke_width(2);
+                chart.draw_series([
+                    PathElement::new(vec![(mid, v - e), (mid, v + e)], ink),
+                    PathElement::new(vec![(mid - cap, v - e), (mid + cap, v - e)], ink),
+                    PathElement::new(vec![(mid - cap, v + e), (mid + cap, v + e)], ink),
+                ])?;
+            }
+            // The value beside the bar's end, away from the axis, past the whisker.
+            let reach = v + v.signum() * e.unwrap_or(0.0);
+            let (anchor, dy) = if v >= 0.0 {
+                (VPos::Bottom, -4)
+            } else {
+                (VPos::Top, 4)
+            };
+            let style = value_style.pos(Pos::new(HPos::Center, anchor));
+            let text = format!("{v:.d$}", d = y_decimals + 1);
+            chart.draw_series(std::iter::once(
+                EmptyElement::at((mid, reach)) + Text::new(text, (0, dy), style),
+            ))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .label_font((FAMILY, 16))
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(160, 160, 160))
@@ -672,6 +857,49 @@ mod tests {
         )
         .unwrap();
         assert!(leftovers(&dir.0).is_empty());
+    }
+
+    #[test]
+    fn bar_panels_draw_grouped_bars_with_whiskers_and_skip_missing_values() {
+        let dir = TempDir::new("bars");
+        let path = dir.0.join("bars.png");
+        let models: Vec<String> = ["base", "rrhf", "sft"].map(String::from).to_vec();
+        let mut greedy = BarSeries::new("greedy", vec![Some(-0.8), Some(0.4), Some(f64::NAN)]);
+        greedy.errors = vec![Some(0.1), None, Some(0.2)];
+        let best = BarSeries::new("best-of-4", vec![Some(0.2), None, Some(0.9)]);
+        let ppl = BarSeries::new("PPL", vec![Some(20.0), Some(35.5), Some(18.0)]);
+        plot_bars(
+            &path,
+            "eval",
+            &models,
+            &[
+                ("reward", vec![greedy, best]),
+                ("perplexity", vec![ppl]),
+                ("nothing", vec![BarSeries::new("x", vec![None, None, None])]),
+            ],
+        )
+        .unwrap();
+        keep(&path);
+        let (w, h, rgb) = decode_png(&std::fs::read(&path).unwrap());
+        assert_eq!((w, h), (WIDTH, HEIGHT));
+        let stride = WIDTH as usize * 3;
+        let count = |y0: usize, y1: usize, c: [u8; 3]| {
+            rgb[y0 * stride..y1 * stride]
+                .chunks_exact(3)
+                .filter(|p| p == &c)
+                .count()
+        };
+        // Filled bars of both series in the first panel, the perplexity bars in the second, none in the third.
+        assert!(count(40, 290, [31, 119, 180]) > 2000);
+        assert!(count(40, 290, [255, 127, 14]) > 2000);
+        assert!(count(290, 540, [31, 119, 180]) > 5000);
+        assert_eq!(count(540, 800, [31, 119, 180]), 0);
+        assert!(ink(&rgb, 540, 800) > 200, "no 'no data' text");
+        assert!(leftovers(&dir.0).is_empty());
+        assert_eq!(
+            clean_bars(&[BarSeries::new("x", vec![Some(1.0)])], 2)[0].values,
+            [Some(1.0), None]
+        );
     }
 
     #[test]

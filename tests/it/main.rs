@@ -4,6 +4,7 @@ mod client;
 mod common;
 mod data;
 mod errors;
+mod eval;
 mod generate;
 mod gradients;
 mod loss;
