@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 /// Requests of at least this many bytes go through the cache (smaller ones to glibc, whose heap reuses them).
 pub const BIG: usize = 1 << 16;
 /// The smallest threshold: classes are then whole pages (see [`size_class`]).
-const MIN_BIG: usize = 1 << 16;
+const MIN_BIG: usize = 4096;
 const PAGE: usize = 4096;
 const HUGE: usize = 2 << 20;
 /// One free list per size class: 8 classes per power of two, for every power of two a `usize` holds.
@@ -49,7 +49,7 @@ impl CachingAlloc {
         Self::with_threshold(UNSET)
     }
 
-    /// An allocator that caches blocks of at least `min_big` bytes (at least 64 KiB).
+    /// An allocator that caches blocks of at least `min_big` bytes (at least a page).
     pub const fn with_threshold(min_big: usize) -> Self {
         Self {
             lock: AtomicBool::new(false),
@@ -94,7 +94,8 @@ impl CachingAlloc {
         if min == UNSET {
             // Mark first: reading the environment allocates, and those small requests must not recurse here.
             self.min_big.store(BIG, Ordering::Relaxed);
-            // At least 64 KiB, so that nothing allocated while reading the variable can count as big when freed.
+            // At least a page, so that nothing allocated while reading the variable (a few bytes) can count as big
+            // when freed.
             min = env_bytes("RRHF_ALLOC_BIG").unwrap_or(BIG).max(MIN_BIG);
             self.min_big.store(min, Ordering::Relaxed);
         }
@@ -201,7 +202,7 @@ pub fn size_class(size: usize) -> usize {
     size.div_ceil(step) * step
 }
 
-/// The free-list index of a class of at least 64 KiB: `8 · log2 + the three bits below the top one`.
+/// The free-list index of a class of at least a page: `8 · log2 + the three bits below the top one`.
 fn class_index(class: usize) -> usize {
     let top = (usize::BITS - 1 - class.leading_zeros()) as usize;
     8 * top + ((class >> (top - 3)) & 7)
@@ -355,7 +356,7 @@ mod tests {
                 let tag = (step % 251) as u8;
                 std::ptr::write_bytes(p, tag, size);
                 live.push((p, layout, tag));
-                if rng.next_u64() % 2 == 0 {
+                if rng.next_u64().is_multiple_of(2) {
                     let i = (rng.next_u64() as usize) % live.len();
                     let (p, layout, tag) = live.swap_remove(i);
                     let s = std::slice::from_raw_parts(p, layout.size());
@@ -363,7 +364,7 @@ mod tests {
                         s.iter().all(|&b| b == tag),
                         "step {step}: a live block was overwritten"
                     );
-                    if rng.next_u64() % 4 == 0 {
+                    if rng.next_u64().is_multiple_of(4) {
                         let new_size = layout.size() * 2 + 1;
                         let q = a.realloc(p, layout, new_size);
                         let s = std::slice::from_raw_parts(q, layout.size());

@@ -123,6 +123,9 @@ enum BenchCommand {
         /// Print the measurement as one JSON line instead of a table.
         #[arg(long)]
         json: bool,
+        /// Recompute each decoder block in backward (as `rrhf train --grad-checkpoint`).
+        #[arg(long)]
+        grad_checkpoint: bool,
     },
     /// Generated tokens/s of greedy, beam and diverse beam search (KV-cached) on the forward benchmark's LLaMA.
     Generate {
@@ -188,12 +191,17 @@ fn bench_train_real(
         return Ok(());
     }
     println!(
-        "rrhf bench train: {} on {} ({} records), {} queries per step, {} layout, max len {}, {device}, median of {} steps",
+        "rrhf bench train: {} on {} ({} records), {} queries per step, {} layout{}, max len {}, {device}, median of {} steps",
         model.display(),
         data.display(),
         prepared.records.len(),
         bench.batch_queries,
         bench.layout,
+        if bench.grad_checkpoint {
+            ", gradient checkpointing"
+        } else {
+            ""
+        },
         records.max_len,
         r.steps
     );
@@ -314,6 +322,7 @@ fn run(cli: Cli) -> Result<()> {
                 warmup,
                 layout,
                 json,
+                grad_checkpoint,
             } => bench_train_real(
                 &model,
                 &data,
@@ -324,6 +333,7 @@ fn run(cli: Cli) -> Result<()> {
                     warmup,
                     steps: iters,
                     layout,
+                    grad_checkpoint,
                 },
                 json,
             ),

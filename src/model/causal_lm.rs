@@ -63,7 +63,81 @@ impl Labels {
     }
 }
 
+/// The masked forward of one input split into its stages (embeddings, each decoder block, the final norm), for
+/// callers that run them one at a time (see `recompute.rs`). The mask and rotary tables are built once.
+pub struct Stages<'a> {
+    model: &'a CausalLm,
+    input: &'a Input,
+    mask: super::layers::AttnMask,
+    rotary: Option<super::layers::Rotary>,
+}
+
+impl Stages<'_> {
+    /// Decoder blocks.
+    pub fn n_blocks(&self) -> usize {
+        match &self.model.arch {
+            Arch::Llama(m) => m.n_blocks(),
+            Arch::Gpt2(m) => m.n_blocks(),
+            Arch::GptNeox(m) => m.n_blocks(),
+        }
+    }
+
+    /// The embeddings `[B, T, hidden]` (the first block's input).
+    pub fn embed(&self) -> Result<Tensor> {
+        let (ids, pos) = (&self.input.ids, &self.input.positions);
+        match &self.model.arch {
+            Arch::Llama(m) => m.embed(ids),
+            Arch::Gpt2(m) => m.embed(ids, pos),
+            Arch::GptNeox(m) => m.embed(ids),
+        }
+    }
+
+    /// Block `i` applied to `x`.
+    pub fn block(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        let dense = |l: &super::layers::Linear, x: &Tensor| l.forward(x);
+        let mut attend =
+            |_: usize, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64| -> Result<Tensor> {
+                super::layers::attention(q, k, v, &self.mask, scale)
+            };
+        let rotary = || {
+            self.rotary
+                .as_ref()
+                .ok_or_else(|| ModelError::Input("stages: no rotary tables".into()))
+        };
+        match &self.model.arch {
+            Arch::Llama(m) => m.block(i, x, rotary()?, &dense, &mut attend),
+            Arch::Gpt2(m) => m.block(i, x, &mut attend),
+            Arch::GptNeox(m) => m.block(i, x, rotary()?, &dense, &mut attend),
+        }
+    }
+
+    /// The final norm: hidden states as [`CausalLm::hidden`] returns them.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.model.arch {
+            Arch::Llama(m) => m.final_norm(x),
+            Arch::Gpt2(m) => m.final_norm(x),
+            Arch::GptNeox(m) => m.final_norm(x),
+        }
+    }
+}
+
 impl CausalLm {
+    /// The stages of the masked forward over `input`.
+    pub fn stages<'a>(&'a self, input: &'a Input) -> Result<Stages<'a>> {
+        let dtype = self.dtype();
+        let rotary = match &self.arch {
+            Arch::Llama(m) => Some(m.rotary(&input.positions, dtype)?),
+            Arch::Gpt2(_) => None,
+            Arch::GptNeox(m) => Some(m.rotary(&input.positions, dtype)?),
+        };
+        Ok(Stages {
+            model: self,
+            input,
+            mask: super::layers::AttnMask::new(&input.mask)?,
+            rotary,
+        })
+    }
+
     /// Builds the architecture named by `config` from `weights`.
     pub fn new(config: ModelConfig, weights: Weights) -> Result<Self> {
         let arch = match &config {
@@ -149,6 +223,17 @@ impl CausalLm {
             return Ok(Tensor::zeros(0, DType::F32, device)?);
         }
         let flat = hidden.reshape((b * t, hdim))?;
+        if flat.device().is_cpu()
+            && flat.dtype() == DType::F32
+            && self.lm_head().dtype() == DType::F32
+        {
+            return Ok(super::fused_head::head_logprobs(
+                &flat,
+                self.lm_head(),
+                &labels.flat_positions,
+                &labels.ids,
+            )?);
+        }
         let head_t = self.lm_head().t()?;
         let mut parts = Vec::new();
         let chunk_rows = (LOGPROB_CHUNK_BYTES / (4 * vocab as usize)).max(16);

@@ -37,6 +37,47 @@ where
     });
 }
 
+/// Rows `r` of `src` (each `row` long) with one output slot in each of `a` and `b`, over the available threads:
+/// `f(r, src_row, &mut a[r], &mut b[r])`.
+pub(crate) fn par_rows_pair<F>(src: &[f32], row: usize, a: &mut [f32], b: &mut [f32], f: F)
+where
+    F: Fn(usize, &[f32], &mut f32, &mut f32) + Sync,
+{
+    let n = a.len().min(b.len());
+    let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
+    let per = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (ci, (ca, cb)) in a.chunks_mut(per).zip(b.chunks_mut(per)).enumerate() {
+            let f = &f;
+            s.spawn(move || {
+                for (i, (x, y)) in ca.iter_mut().zip(cb.iter_mut()).enumerate() {
+                    let r = ci * per + i;
+                    f(r, &src[r * row..(r + 1) * row], x, y);
+                }
+            });
+        }
+    });
+}
+
+/// Rows of `buf` (each `row` long) over the available threads: `f(r, &mut row_r)`.
+pub(crate) fn par_rows_mut<F>(buf: &mut [f32], row: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    par_rows(buf, row, f)
+}
+
+/// `ln Σ e^row` (max-shifted).
+pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
+    let m = fast::max(row);
+    m + fast::sum_exp_shift(row, m).ln()
+}
+
+/// `row[k] ← −g · e^(row[k] − lse)`: the softmax part of the gradient of `g · log softmax(row)[label]`.
+pub(crate) fn softmax_label_grad(row: &mut [f32], lse: f32, g: f32) {
+    fast::scaled_exp_in_place(row, lse, -g)
+}
+
 /// `e^x` to about 2 ulp for x in [−87, 88] (0 below), branch-free so loops over it vectorise: x = n·ln2 + r,
 /// `e^r` by a degree-6 polynomial on |r| ≤ ln2/2, `2^n` through the exponent bits.
 #[inline(always)]
@@ -121,6 +162,14 @@ mod kernels {
         total
     }
 
+    /// `row[k] ← s · e^(row[k] − m)`.
+    #[inline(always)]
+    pub fn scaled_exp_in_place(row: &mut [f32], m: f32, s: f32) {
+        for x in row.iter_mut() {
+            *x = s * exp_approx(*x - m);
+        }
+    }
+
     /// Masked softmax of one row: `out[k] = mask[k] · e^(s·row[k] − max)` normalised.
     #[inline(always)]
     pub fn masked_softmax_row(row: &[f32], mask: &[u8], scale: f32, out: &mut [f32]) {
@@ -157,11 +206,15 @@ macro_rules! multiversion {
         mod fast {
             use super::kernels;
             $(
+                // Row kernels take their slices and scalars one by one (attention's need a dozen).
+                #[allow(clippy::too_many_arguments)]
                 pub fn $name($($a: $t),*) -> $ret {
                     #[cfg(target_arch = "x86_64")]
                     {
+                        #[allow(clippy::too_many_arguments)]
                         #[target_feature(enable = "avx512f")]
                         unsafe fn v4($($a: $t),*) -> $ret { kernels::$name($($a),*) }
+                        #[allow(clippy::too_many_arguments)]
                         #[target_feature(enable = "avx2,fma")]
                         unsafe fn v3($($a: $t),*) -> $ret { kernels::$name($($a),*) }
                         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -186,6 +239,7 @@ multiversion! {
     max(row: &[f32]) -> f32;
     exp_shift(row: &[f32], m: f32, out: &mut [f32]) -> f32;
     sum_exp_shift(row: &[f32], m: f32) -> f32;
+    scaled_exp_in_place(row: &mut [f32], m: f32, s: f32) -> ();
     masked_softmax_row(row: &[f32], mask: &[u8], scale: f32, out: &mut [f32]) -> ();
     softmax_grad_row(p: &[f32], g: &[f32], scale: f32, out: &mut [f32]) -> ();
 }

@@ -79,31 +79,52 @@ impl Gpt2 {
     /// The decoder stack over `ids` at `positions` with attention supplied by the caller: the masked forward of
     /// training and scoring, or a decoding step against a KV cache.
     fn body(&self, ids: &Tensor, positions: &Tensor, attend: &mut Attend) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let c = &self.cfg;
-        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
-        let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
-        let mut x = (tok + pos)?.reshape((b, t, c.n_embd))?;
-        let hd = c.n_embd / c.n_head;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let mut scale = if c.scale_attn_weights {
-                1.0 / (hd as f64).sqrt()
-            } else {
-                1.0
-            };
-            if c.scale_attn_by_inverse_layer_idx {
-                scale /= (i + 1) as f64;
-            }
-            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x)?)?;
-            let q = split_heads(&qkv.narrow(2, 0, c.n_embd)?, c.n_head, hd)?;
-            let k = split_heads(&qkv.narrow(2, c.n_embd, c.n_embd)?, c.n_head, hd)?;
-            let v = split_heads(&qkv.narrow(2, 2 * c.n_embd, c.n_embd)?, c.n_head, hd)?;
-            let a = merge_heads(&attend(i, &q, &k, &v, scale)?)?;
-            x = (x + blk.attn_proj.forward(&a)?)?;
-            let m = activate(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?, c.activation)?;
-            x = (x + blk.mlp_proj.forward(&m)?)?;
+        let mut x = self.embed(ids, positions)?;
+        for i in 0..self.blocks.len() {
+            x = self.block(i, &x, attend)?;
         }
         self.ln_f.forward(&x)
+    }
+
+    /// Token plus position embeddings `[B, T, n_embd]`.
+    pub(crate) fn embed(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
+        let pos = self.wpe.index_select(&positions.flatten_all()?, 0)?;
+        Ok((tok + pos)?.reshape((b, t, self.cfg.n_embd))?)
+    }
+
+    /// Decoder block `i` applied to `x`.
+    pub(crate) fn block(&self, i: usize, x: &Tensor, attend: &mut Attend) -> Result<Tensor> {
+        let c = &self.cfg;
+        let blk = &self.blocks[i];
+        let hd = c.n_embd / c.n_head;
+        let mut scale = if c.scale_attn_weights {
+            1.0 / (hd as f64).sqrt()
+        } else {
+            1.0
+        };
+        if c.scale_attn_by_inverse_layer_idx {
+            scale /= (i + 1) as f64;
+        }
+        let qkv = blk.c_attn.forward(&blk.ln_1.forward(x)?)?;
+        let q = split_heads(&qkv.narrow(2, 0, c.n_embd)?, c.n_head, hd)?;
+        let k = split_heads(&qkv.narrow(2, c.n_embd, c.n_embd)?, c.n_head, hd)?;
+        let v = split_heads(&qkv.narrow(2, 2 * c.n_embd, c.n_embd)?, c.n_head, hd)?;
+        let a = merge_heads(&attend(i, &q, &k, &v, scale)?)?;
+        let x = (x + blk.attn_proj.forward(&a)?)?;
+        let m = activate(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?, c.activation)?;
+        Ok((x + blk.mlp_proj.forward(&m)?)?)
+    }
+
+    /// Decoder blocks.
+    pub(crate) fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The final layer norm.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.ln_f.forward(x)
     }
 
     /// The output projection `[vocab, n_embd]` (the token embedding).

@@ -112,42 +112,76 @@ impl GptNeox {
         dense: &Dense,
         attend: &mut Attend,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let c = &self.cfg;
-        let nh = c.num_attention_heads;
-        let hd = c.hidden_size / nh;
-        let mut x = self
-            .embed_in
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, c.hidden_size))?;
-        let rotary = Rotary::new(&self.inv_freq, positions, x.dtype())?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        for (layer, blk) in self.blocks.iter().enumerate() {
-            // The fused projection is laid out per head: [q_h, k_h, v_h] for each head h.
-            let qkv = dense(&blk.query_key_value, &blk.input_layernorm.forward(&x)?)?
-                .reshape((b, t, nh, 3 * hd))?
-                .transpose(1, 2)?;
-            let q = rotary.apply(&qkv.narrow(D::Minus1, 0, hd)?)?;
-            let k = rotary.apply(&qkv.narrow(D::Minus1, hd, hd)?)?;
-            let v = qkv.narrow(D::Minus1, 2 * hd, hd)?;
-            let a = dense(
-                &blk.dense,
-                &merge_heads(&attend(layer, &q, &k, &v, scale)?)?,
-            )?;
-            let mlp = |inp: &Tensor| -> Result<Tensor> {
-                let m = activate(&dense(&blk.dense_h_to_4h, inp)?, c.hidden_act)?;
-                dense(&blk.dense_4h_to_h, &m)
-            };
-            x = if c.use_parallel_residual {
-                let m = mlp(&blk.post_attention_layernorm.forward(&x)?)?;
-                ((x + a)? + m)?
-            } else {
-                let x1 = (x + a)?;
-                let m = mlp(&blk.post_attention_layernorm.forward(&x1)?)?;
-                (x1 + m)?
-            };
+        let mut x = self.embed(ids)?;
+        let rotary = self.rotary(positions, x.dtype())?;
+        for layer in 0..self.blocks.len() {
+            x = self.block(layer, &x, &rotary, dense, attend)?;
         }
         self.final_layer_norm.forward(&x)
+    }
+
+    /// Token embeddings `[B, T, hidden]`.
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self
+            .embed_in
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Rotary tables for `positions`.
+    pub(crate) fn rotary(&self, positions: &Tensor, dtype: candle_core::DType) -> Result<Rotary> {
+        Rotary::new(&self.inv_freq, positions, dtype)
+    }
+
+    /// Decoder block `layer` applied to `x`.
+    pub(crate) fn block(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        rotary: &Rotary,
+        dense: &Dense,
+        attend: &mut Attend,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let blk = &self.blocks[layer];
+        let (b, t, _) = x.dims3()?;
+        let nh = c.num_attention_heads;
+        let hd = c.hidden_size / nh;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // The fused projection is laid out per head: [q_h, k_h, v_h] for each head h.
+        let qkv = dense(&blk.query_key_value, &blk.input_layernorm.forward(x)?)?
+            .reshape((b, t, nh, 3 * hd))?
+            .transpose(1, 2)?;
+        let q = rotary.apply(&qkv.narrow(D::Minus1, 0, hd)?)?;
+        let k = rotary.apply(&qkv.narrow(D::Minus1, hd, hd)?)?;
+        let v = qkv.narrow(D::Minus1, 2 * hd, hd)?;
+        let a = dense(
+            &blk.dense,
+            &merge_heads(&attend(layer, &q, &k, &v, scale)?)?,
+        )?;
+        let mlp = |inp: &Tensor| -> Result<Tensor> {
+            let m = activate(&dense(&blk.dense_h_to_4h, inp)?, c.hidden_act)?;
+            dense(&blk.dense_4h_to_h, &m)
+        };
+        Ok(if c.use_parallel_residual {
+            let m = mlp(&blk.post_attention_layernorm.forward(x)?)?;
+            ((x + a)? + m)?
+        } else {
+            let x1 = (x + a)?;
+            let m = mlp(&blk.post_attention_layernorm.forward(&x1)?)?;
+            (x1 + m)?
+        })
+    }
+
+    /// Decoder blocks.
+    pub(crate) fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The final layer norm.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.final_layer_norm.forward(x)
     }
 
     /// The output projection `[vocab, hidden]`.

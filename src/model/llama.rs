@@ -112,28 +112,61 @@ impl Llama {
         dense: &Dense,
         attend: &mut Attend,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let c = &self.cfg;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, c.hidden_size))?;
-        let rotary = Rotary::new(&self.inv_freq, positions, x.dtype())?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        for (layer, blk) in self.blocks.iter().enumerate() {
-            let hs = blk.input_layernorm.forward(&x)?;
-            let q = split_heads(&dense(&blk.q_proj, &hs)?, c.num_attention_heads, c.head_dim)?;
-            let k = split_heads(&dense(&blk.k_proj, &hs)?, c.num_key_value_heads, c.head_dim)?;
-            let v = split_heads(&dense(&blk.v_proj, &hs)?, c.num_key_value_heads, c.head_dim)?;
-            let (q, k) = (rotary.apply(&q)?, rotary.apply(&k)?);
-            let a = merge_heads(&attend(layer, &q, &k, &v, scale)?)?;
-            x = (x + dense(&blk.o_proj, &a)?)?;
-            let hs = blk.post_attention_layernorm.forward(&x)?;
-            let gate = dense(&blk.gate_proj, &hs)?;
-            let up = dense(&blk.up_proj, &hs)?;
-            x = (x + dense(&blk.down_proj, &gated(&gate, &up, c.hidden_act)?)?)?;
+        let mut x = self.embed(ids)?;
+        let rotary = self.rotary(positions, x.dtype())?;
+        for layer in 0..self.blocks.len() {
+            x = self.block(layer, &x, &rotary, dense, attend)?;
         }
         self.norm.forward(&x)
+    }
+
+    /// Token embeddings `[B, T, hidden]`.
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Rotary tables for `positions`.
+    pub(crate) fn rotary(&self, positions: &Tensor, dtype: candle_core::DType) -> Result<Rotary> {
+        Rotary::new(&self.inv_freq, positions, dtype)
+    }
+
+    /// Decoder block `layer` applied to `x`.
+    pub(crate) fn block(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        rotary: &Rotary,
+        dense: &Dense,
+        attend: &mut Attend,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let blk = &self.blocks[layer];
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let hs = blk.input_layernorm.forward(x)?;
+        let q = split_heads(&dense(&blk.q_proj, &hs)?, c.num_attention_heads, c.head_dim)?;
+        let k = split_heads(&dense(&blk.k_proj, &hs)?, c.num_key_value_heads, c.head_dim)?;
+        let v = split_heads(&dense(&blk.v_proj, &hs)?, c.num_key_value_heads, c.head_dim)?;
+        let (q, k) = (rotary.apply(&q)?, rotary.apply(&k)?);
+        let a = merge_heads(&attend(layer, &q, &k, &v, scale)?)?;
+        let x = (x + dense(&blk.o_proj, &a)?)?;
+        let hs = blk.post_attention_layernorm.forward(&x)?;
+        let gate = dense(&blk.gate_proj, &hs)?;
+        let up = dense(&blk.up_proj, &hs)?;
+        Ok((x + dense(&blk.down_proj, &gated(&gate, &up, c.hidden_act)?)?)?)
+    }
+
+    /// Decoder blocks.
+    pub(crate) fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The final norm.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
     }
 
     /// The output projection `[vocab, hidden]`.

@@ -3,12 +3,13 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use crate::bench::{BenchRow, ForwardBench};
 use crate::data::batch::{build_batch, Layout};
 use crate::data::tokenize::TokenizedRecord;
 use crate::model::init::random_weights;
+use crate::model::recompute::grads_by_recompute;
 use crate::model::{CausalLm, ModelError};
 use crate::rng::Rng;
 
@@ -145,6 +146,8 @@ pub struct RealTrainBench {
     /// Timed steps.
     pub steps: usize,
     pub layout: Layout,
+    /// Recompute each block in backward (`rrhf train --grad-checkpoint`).
+    pub grad_checkpoint: bool,
 }
 
 /// What [`RealTrainBench::run`] measured.
@@ -213,6 +216,7 @@ impl RealTrainBench {
             } else {
                 0
             };
+        let var_list: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
         let mut opt = AdamW::new(vars, AdamWConfig::default())?;
         let mut times = Vec::new();
         let (mut row_tokens, mut response_tokens) = (0usize, 0usize);
@@ -227,17 +231,28 @@ impl RealTrainBench {
             let scores: Vec<Vec<f64>> = chunk.iter().map(|r| r.scores.clone()).collect();
             let t0 = Instant::now();
             let batch = build_batch(&chunk, self.layout, pad_id, device)?;
-            let lp = model.label_logprobs(&batch.input, &batch.labels)?;
-            let out = rrhf_loss(
-                &lp,
-                &batch.response_of_label,
-                &batch.n_tokens,
-                &scores,
-                &LossConfig::default(),
-            )?;
-            let store = out.loss.backward()?;
-            let mut grads = opt.collect_grads(&store)?;
-            drop(store);
+            let loss_of = |lp: &Tensor| -> Result<(Tensor, ()), ModelError> {
+                let out = rrhf_loss(
+                    lp,
+                    &batch.response_of_label,
+                    &batch.n_tokens,
+                    &scores,
+                    &LossConfig::default(),
+                )?;
+                Ok((out.loss, ()))
+            };
+            let mut grads = if self.grad_checkpoint {
+                let (_, g) =
+                    grads_by_recompute(&model, &batch.input, &batch.labels, &var_list, loss_of)?;
+                g.into_iter()
+                    .zip(&var_list)
+                    .map(|(g, v)| g.map_or_else(|| v.zeros_like(), Ok))
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                let lp = model.label_logprobs(&batch.input, &batch.labels)?;
+                let store = loss_of(&lp)?.0.backward()?;
+                opt.collect_grads(&store)?
+            };
             clip_grad_norm(&mut grads, 1.0)?;
             opt.step(&grads, 1e-5)?;
             device.synchronize()?;

@@ -365,11 +365,15 @@ impl AdamW {
         self.params
             .iter()
             .map(|(name, var)| {
-                store.get(var.as_tensor()).cloned().ok_or_else(|| {
-                    ModelError::Input(format!(
+                // Detached, so holding the gradients does not hold the forward graph they were computed from.
+                store
+                    .get(var.as_tensor())
+                    .map(Tensor::detach)
+                    .ok_or_else(|| {
+                        ModelError::Input(format!(
                         "AdamW: parameter `{name}` received no gradient (is it used in the loss?)"
                     ))
-                })
+                    })
             })
             .collect()
     }
