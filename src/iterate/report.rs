@@ -53,7 +53,8 @@ impl IterRow {
             .and_then(|m| m.get(0))
             .cloned()
             .ok_or_else(|| bad("no `models[0]`".into()))?;
-        let eval: ModelReport = serde_json::from_value(first).map_err(|e| bad(e.to_string()))?;
+        let mut eval: ModelReport =
+            serde_json::from_value(first).map_err(|e| bad(e.to_string()))?;
         let samples = match scores {
             Some(p) => {
                 let read = read_records(
@@ -81,13 +82,16 @@ impl IterRow {
                 }
             }
         }
+        // Named relative to --output, so the report does not depend on where the run was written.
+        let name = if i == 0 {
+            model.display().to_string()
+        } else {
+            format!("iter-{i}/model")
+        };
+        eval.model = name.clone();
         Ok(IterRow {
             iteration: i,
-            model: if i == 0 {
-                model.display().to_string()
-            } else {
-                format!("iter-{i}/model")
-            },
+            model: name,
             samples,
             train_steps,
             train_loss,
