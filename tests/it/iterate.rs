@@ -598,3 +598,92 @@ fn iterate_bad_input_fails_before_any_model_work() {
     );
     assert!(e.contains("multiple of --resample-every"), "{e}");
 }
+
+/// `metrics.jsonl` without the wall times, which differ between runs.
+fn metrics_without_times(out: &Path) -> Vec<Value> {
+    read_jsonl(&out.join("metrics.jsonl"))
+        .into_iter()
+        .map(|mut m| {
+            let o = m.as_object_mut().unwrap();
+            o.retain(|k, _| !k.ends_with("_s"));
+            m
+        })
+        .collect()
+}
+
+#[test]
+fn op_resume_equals_uninterrupted() {
+    let dir = temp_dir();
+    let args = |out: &str| -> Vec<String> {
+        [
+            "iterate",
+            "--setting",
+            "OP",
+            "--resample-every",
+            "1",
+            "--kl-coef",
+            "0.1",
+            "--model",
+            &llama(),
+            "--prompts",
+            &tiny_prompts(),
+            "--reward",
+            "vader",
+            "--output",
+            out,
+            "--strategy",
+            "sample",
+            "--num-responses",
+            "2",
+            "--max-new-tokens",
+            "5",
+            "--max-len",
+            "128",
+            "--lr",
+            "0.01",
+            "--max-steps",
+            "4",
+            "--batch-queries",
+            "2",
+            "--save-every",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = dir.join("whole");
+    ok(&strs(&args(&whole.display().to_string())));
+
+    let out = dir.join("stopped");
+    let o = out.display().to_string();
+    let (success, _, stderr) =
+        rrhf_env(&strs(&args(&o)), &[("RRHF_ITERATE_STOP_AFTER", "round-3")]);
+    assert!(
+        !success && stderr.contains("stopped after round-3"),
+        "{stderr}"
+    );
+    // Without --resume the output is refused, untouched.
+    let (success, _, stderr) = rrhf_env(&strs(&args(&o)), &[]);
+    assert!(!success && stderr.contains("--resume"), "{stderr}");
+    let mut resumed = args(&o);
+    resumed.extend([
+        "--resume".to_string(),
+        out.join("checkpoint-2").display().to_string(),
+    ]);
+    ok(&strs(&resumed));
+
+    assert_eq!(metrics_without_times(&whole), metrics_without_times(&out));
+    for r in 1..=4 {
+        let f = format!("rounds/round-{r}.jsonl");
+        assert_eq!(
+            read_jsonl(&whole.join(&f)),
+            read_jsonl(&out.join(&f)),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    );
+}
