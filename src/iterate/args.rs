@@ -31,20 +31,28 @@ pub struct SamplingArgs {
     /// Generated responses per prompt.
     #[arg(long)]
     pub num_responses: Option<usize>,
+    /// Beams of beam / diverse beam search (default max(4, --num-responses)).
     #[arg(long)]
     pub num_beams: Option<usize>,
+    /// Groups of diverse beam search (default: one beam per group).
     #[arg(long)]
     pub num_beam_groups: Option<usize>,
+    /// Hamming diversity penalty of diverse beam search (default 1.0).
     #[arg(long)]
     pub diversity_penalty: Option<f64>,
+    /// Length penalty of beam search: score = logprob / length^penalty (default 1.0).
     #[arg(long)]
     pub beam_length_penalty: Option<f64>,
+    /// Beam search early stopping: true, false or never (default false).
     #[arg(long)]
     pub early_stopping: Option<EarlyStop>,
+    /// Sampling temperature (default 1.0; SP 0.8).
     #[arg(long)]
     pub temperature: Option<f64>,
+    /// Top-k of sampling (default 50; 0 turns it off).
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// Top-p of sampling (default 1.0).
     #[arg(long)]
     pub top_p: Option<f64>,
     /// New tokens per response, at most (also of the evaluation's greedy generations).
@@ -73,14 +81,19 @@ pub struct RewardArgs {
     /// Classifier label whose probability is the reward (model: classifiers).
     #[arg(long)]
     pub label: Option<String>,
+    /// config.json of the reward model (checkpoints without one).
     #[arg(long)]
     pub rm_config: Option<PathBuf>,
+    /// tokenizer.json of the reward model.
     #[arg(long)]
     pub rm_tokenizer: Option<PathBuf>,
+    /// Longest reward-model input in tokens.
     #[arg(long)]
     pub rm_max_len: Option<usize>,
+    /// Text between query and response for the reward model.
     #[arg(long)]
     pub rm_separator: Option<String>,
+    /// Append EOS to the reward-model input.
     #[arg(long)]
     pub rm_append_eos: bool,
     /// Sequences per reward-model forward.
@@ -97,13 +110,16 @@ pub struct RewardArgs {
 /// How the policy is trained (the flags of `rrhf train` other than its files; defaults as there).
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct TrainArgs {
+    /// Weight of the ranking loss (the paper: 1).
     #[arg(long, default_value_t = 1.0)]
     pub rank_weight: f64,
     /// Exponent of the response length in p_i (also of policy: rewards and --pairs accuracy).
     #[arg(long, default_value_t = 1.0)]
     pub length_penalty: f64,
+    /// Margin λ per rank position in the ranking loss (0: the paper's loss).
     #[arg(long, default_value_t = 0.0)]
     pub margin: f64,
+    /// Reduction of the SFT term: mean or sum (Eq. 4 literally).
     #[arg(long, default_value = "mean")]
     pub sft_reduction: SftReduction,
     /// Queries per micro-batch.
@@ -112,20 +128,28 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
+    /// Peak learning rate.
     #[arg(long, default_value_t = 2e-5)]
     pub lr: f64,
+    /// AdamW β1.
     #[arg(long, default_value_t = 0.9)]
     pub beta1: f64,
+    /// AdamW β2.
     #[arg(long, default_value_t = 0.999)]
     pub beta2: f64,
+    /// AdamW ε.
     #[arg(long, default_value_t = 1e-8)]
     pub adam_eps: f64,
+    /// Decoupled weight decay (not applied to biases and norms).
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// Fraction of the steps spent warming the learning rate up from 0.
     #[arg(long, default_value_t = 0.03)]
     pub warmup_ratio: f64,
+    /// Decay after warm-up: linear (the paper), cosine or constant.
     #[arg(long, default_value = "linear")]
     pub schedule: ScheduleKind,
+    /// Clip the global gradient norm to this (≤ 0: no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
     /// Passes over the data (IP: over each iteration's samples; OP: over the prompts).
@@ -137,13 +161,16 @@ pub struct TrainArgs {
     /// Checkpoint every N optimizer steps (OP: a multiple of --resample-every) and at the end.
     #[arg(long)]
     pub save_every: Option<u64>,
+    /// Keep at most N checkpoints (0: all).
     #[arg(long, default_value_t = 0)]
     pub save_total_limit: usize,
     /// Skip up to N optimizer steps with a non-finite loss or gradient norm (0: stop at the first).
     #[arg(long, default_value_t = 0)]
     pub skip_nonfinite: u64,
+    /// packed: one row per query shared by its responses; padded: one row per response.
     #[arg(long, default_value = "packed")]
     pub layout: Layout,
+    /// Print a plain progress line every N steps when stderr is not a terminal.
     #[arg(long, default_value_t = 10)]
     pub log_every: u64,
 }
@@ -157,6 +184,7 @@ pub struct EvalArgs {
     /// Evaluator LM of the perplexity (the paper: gpt2-medium).
     #[arg(long)]
     pub ppl_model: Option<PathBuf>,
+    /// What a response is conditioned on for its perplexity: query or none (BOS only).
     #[arg(long, default_value = "query")]
     pub ppl_context: PplContext,
     /// Held-out chosen/rejected pairs: accuracy of each model's p_i (Table 5).

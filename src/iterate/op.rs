@@ -612,7 +612,8 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
     Ok(summary)
 }
 
-/// Draws `op.png` from `metrics.jsonl`: mean reward (and R̃) of the fresh samples, mean KL and loss per round.
+/// Draws `op.png` from `metrics.jsonl`: mean reward (and R̃) of the fresh samples, mean KL and loss per round,
+/// placed at the round's last optimizer step.
 pub fn plot_rounds(output: &Path) -> Result<(), IterateError> {
     let lines: Vec<Value> = read_metrics(&output.join("metrics.jsonl"))?
         .into_iter()
@@ -621,7 +622,7 @@ pub fn plot_rounds(output: &Path) -> Result<(), IterateError> {
     let series = |key: &str| -> Series {
         let pts = lines
             .iter()
-            .filter_map(|v| Some((v.get("round")?.as_f64()?, v.get(key)?.as_f64()?)))
+            .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get(key)?.as_f64()?)))
             .collect();
         Series::new(key, pts)
     };
@@ -638,7 +639,7 @@ pub fn plot_rounds(output: &Path) -> Result<(), IterateError> {
     panels.push(("loss", vec![series("loss")]));
     plot_curves(
         &output.join("op.png"),
-        "rrhf iterate OP: per round",
+        "rrhf iterate OP: per round (at its last step)",
         &panels,
     )?;
     Ok(())
