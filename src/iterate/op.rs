@@ -4,7 +4,8 @@
 //! (minus β·(log π − log ρ) with `--kl-coef`), and trained on, step by step.
 //!
 //! The policy used for sampling is the training model itself: its weights are the optimizer's variables, which
-//! AdamW updates in place, so generation reads the updated weights with no save or reload. The reference ρ (the
+//! AdamW updates in place, and generation reads the same storage (through detached tensors, so decoding records no
+//! autograd graph), hence the updated weights, with no save or reload. The reference ρ (the
 //! initial model) is loaded only when β > 0.
 //!
 //! Outputs: the model and `checkpoint-N/` as `rrhf train` writes them (N a multiple of k, so a resumed run starts
@@ -23,7 +24,7 @@ use crate::data::tokenize::{tokenize_record, TokenizedRecord};
 use crate::data::{DataError, Record};
 use crate::fsutil::{write_atomic, write_atomic_with};
 use crate::model::save::link_pretrained;
-use crate::model::{load_model, LoadedModel};
+use crate::model::{load_model, CausalLm, LoadedModel, Weights};
 use crate::rng::Rng;
 use crate::sample::command::sample_with_model;
 use crate::sample::prompts::{read_prompts, Prompt};
@@ -261,6 +262,26 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
         source: loaded.source.clone(),
     };
     drop(loaded);
+    // Sampling and log π read the same storage through detached tensors: they see every in-place update, and build
+    // no autograd graph (with variable weights every decoding op would be recorded and kept alive by the KV cache).
+    let sampler = LoadedModel {
+        model: CausalLm::new(
+            policy.model.config().clone(),
+            Weights::new(
+                policy
+                    .model
+                    .weights()
+                    .tensors()
+                    .iter()
+                    .map(|(k, t)| (k.clone(), t.detach()))
+                    .collect(),
+                policy.model.weights().source(),
+            ),
+        )?,
+        tokenizer: policy.tokenizer.clone(),
+        side: policy.side.clone(),
+        source: policy.source.clone(),
+    };
     let mut optimizer = AdamW::new(
         vars.clone(),
         AdamWConfig {
@@ -348,7 +369,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
         sc.format = InputFormat::Auto;
         sc.prompt_template = PromptTemplate::None;
         sc.skip_invalid = false;
-        sample_with_model(&sc, &policy).map_err(stage_err(at.clone(), "sample"))?;
+        sample_with_model(&sc, &sampler).map_err(stage_err(at.clone(), "sample"))?;
         let records = read_records(
             &samples_path,
             &ReadOptions {
@@ -376,7 +397,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
         })?;
         let kl: Option<Vec<Vec<f64>>> = match &reference {
             Some(rho) => {
-                let lp = sequence_logprobs(&policy, &refs, &lp_opts, &device)?;
+                let lp = sequence_logprobs(&sampler, &refs, &lp_opts, &device)?;
                 let lr = sequence_logprobs(rho, &refs, &lp_opts, &device)?;
                 Some(
                     lp.logp
