@@ -687,3 +687,56 @@ fn op_resume_equals_uninterrupted() {
         std::fs::read(out.join("model.safetensors")).unwrap()
     );
 }
+
+#[test]
+fn op_nonfinite_loss_stops_the_run_as_train_does() {
+    let dir = temp_dir();
+    let out = dir.join("op");
+    let o = out.display().to_string();
+    let l = llama();
+    let tp = tiny_prompts();
+    let args = [
+        "iterate",
+        "--setting",
+        "OP",
+        "--resample-every",
+        "1",
+        "--model",
+        &l,
+        "--prompts",
+        &tp,
+        "--reward",
+        "vader",
+        "--output",
+        &o,
+        "--strategy",
+        "greedy",
+        "--max-new-tokens",
+        "4",
+        "--max-len",
+        "128",
+        "--max-steps",
+        "3",
+        "--batch-queries",
+        "2",
+        "--save-every",
+        "1",
+    ];
+    let (success, _, stderr) = rrhf_env(&args, &[("RRHF_FAULT_NAN_AT_STEP", "2")]);
+    assert!(!success, "{stderr}");
+    // rrhf train's error: the step, the records (here lines of the round's file) and the last good checkpoint.
+    assert!(stderr.contains("step 2: the loss is NaN"), "{stderr}");
+    assert!(stderr.contains("round-2.jsonl:1"), "{stderr}");
+    assert!(stderr.contains("checkpoint-1"), "{stderr}");
+    assert!(!out.join("checkpoint-2").exists());
+    let last = read_jsonl(&out.join("metrics.jsonl")).pop().unwrap();
+    assert_eq!(last["stopped"], true);
+    // With --skip-nonfinite 1 the step is skipped and the run finishes.
+    let o2 = dir.join("skip").display().to_string();
+    let mut skip: Vec<&str> = args.to_vec();
+    skip[12] = &o2;
+    skip.extend(["--skip-nonfinite", "1"]);
+    let (success, _, stderr) = rrhf_env(&skip, &[("RRHF_FAULT_NAN_AT_STEP", "2")]);
+    assert!(success, "{stderr}");
+    assert!(dir.join("skip/model.safetensors").exists());
+}
