@@ -359,8 +359,10 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
         let prompts_path = scratch.0.join("prompts.jsonl");
         let samples_path = scratch.0.join("samples.jsonl");
         write_round_prompts(&prompts_path, &prompts, &slots)?;
+        // The name `rrhf sample` prints for the (preloaded) model.
+        let label = PathBuf::from(format!("the policy after {step} steps"));
         let mut sc = cfg.sample_config(
-            &cfg.model.model,
+            &label,
             prompts_path,
             samples_path.clone(),
             cfg.seed.wrapping_add(round),
