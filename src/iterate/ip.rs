@@ -90,6 +90,8 @@ pub struct IpSummary {
     pub stages_skipped: usize,
     /// `report.md`.
     pub markdown: String,
+    /// Per iteration (0 first), its finished stages and their wall times (of the run that finished each).
+    pub timings: Vec<(usize, Vec<StageDone>)>,
 }
 
 /// Folder of iteration `i`.
@@ -247,7 +249,8 @@ fn eval_stage(cfg: &IterateConfig, i: usize, dir: &Path, model: &Path) -> Result
 /// Runs `rrhf iterate --setting IP`.
 pub fn run_ip(cfg: &IterateConfig) -> Result<IpSummary, IterateError> {
     check_common(cfg)?;
-    if cfg.iterations == 0 {
+    let iterations = cfg.iterations.unwrap_or(2);
+    if iterations == 0 {
         return Err(IterateError::Config(
             "--iterations must be at least 1".into(),
         ));
@@ -289,10 +292,11 @@ pub fn run_ip(cfg: &IterateConfig) -> Result<IpSummary, IterateError> {
     runner.stage(&dir0, &mut state0, "eval", || {
         eval_stage(cfg, 0, &dir0, &initial)
     })?;
+    let mut timings = vec![(0, state0.done.clone())];
 
     let mut rows = vec![IterRow::read(&dir0, 0, &initial, None)?];
     let mut model = initial;
-    for i in 1..=cfg.iterations {
+    for i in 1..=iterations {
         let dir = iter_dir(&cfg.output, i);
         std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
         let mut state = IterState::load_or_new(&dir, i, &model)?;
@@ -313,6 +317,7 @@ pub fn run_ip(cfg: &IterateConfig) -> Result<IpSummary, IterateError> {
             &trained,
             Some(&dir.join("scores.jsonl")),
         )?);
+        timings.push((i, state.done.clone()));
         model = trained;
     }
     let markdown = write_ip_report(cfg, &rows)?;
@@ -320,5 +325,6 @@ pub fn run_ip(cfg: &IterateConfig) -> Result<IpSummary, IterateError> {
         stages_run: runner.run,
         stages_skipped: runner.skipped,
         markdown,
+        timings,
     })
 }

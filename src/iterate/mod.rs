@@ -72,9 +72,9 @@ pub struct IterateConfig {
     /// --resample-every optimizer steps with the current weights).
     #[arg(long)]
     pub setting: IterSetting,
-    /// IP: number of iterations n.
-    #[arg(long, default_value_t = 2)]
-    pub iterations: usize,
+    /// IP: number of iterations n (default 2, the paper's IP-2).
+    #[arg(long)]
+    pub iterations: Option<usize>,
     /// OP: optimizer steps between two samplings (the paper's k; it used 32).
     #[arg(long)]
     pub resample_every: Option<u64>,
@@ -212,9 +212,16 @@ pub fn run_cli(cfg: &IterateConfig) -> Result<(), IterateError> {
         IterSetting::Ip => {
             let s = ip::run_ip(cfg)?;
             print!("{}", s.markdown);
+            for (i, done) in &s.timings {
+                let stages: Vec<String> = done
+                    .iter()
+                    .map(|d| format!("{} {:.2} s", d.stage, d.seconds))
+                    .collect();
+                eprintln!("iter-{i}: {}", stages.join(", "));
+            }
             eprintln!(
                 "IP-{}: {} stages run, {} already done; report.md, report.json and report.png in {}",
-                cfg.iterations,
+                s.timings.len() - 1,
                 s.stages_run,
                 s.stages_skipped,
                 cfg.output.display()

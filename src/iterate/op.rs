@@ -87,6 +87,12 @@ fn check_flags(cfg: &IterateConfig) -> Result<(u64, f64), IterateError> {
             ));
         }
     }
+    if cfg.iterations.is_some() {
+        return bad(
+            "--iterations counts IP iterations; OP runs --epochs or --max-steps, sampling every --resample-every steps"
+                .into(),
+        );
+    }
     let e = &cfg.eval;
     if e.eval_prompts.is_some() || e.ppl_model.is_some() || e.pairs.is_some() || e.best_of.is_some()
     {

@@ -597,6 +597,12 @@ fn iterate_bad_input_fails_before_any_model_work() {
         &dir,
     );
     assert!(e.contains("multiple of --resample-every"), "{e}");
+    let e = fails_early(
+        &["--setting", "OP", "--resample-every", "2"],
+        &["--iterations", "2"],
+        &dir,
+    );
+    assert!(e.contains("--iterations counts IP iterations"), "{e}");
 }
 
 /// `metrics.jsonl` without the wall times, which differ between runs.
