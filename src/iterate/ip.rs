@@ -23,7 +23,7 @@ use crate::sample::command::sample;
 use crate::sample::prompts::read_prompts;
 use crate::score::command::{score, RewardFn};
 use crate::train::output::{latest_checkpoint, previous_run};
-use crate::train::trainer::train;
+use crate::train::trainer::{data_fingerprint, train};
 
 use super::report::{write_ip_report, IterRow};
 use super::{check_common, stage_err, stop_hook, IterateConfig, IterateError};
@@ -105,6 +105,8 @@ fn check_args(cfg: &IterateConfig) -> Result<(), IterateError> {
     let path = cfg.output.join("args.json");
     let mut now = serde_json::to_value(cfg).map_err(|e| IterateError::Config(e.to_string()))?;
     now["command"] = json!("iterate");
+    // The same path with other prompts in it is another run.
+    now["prompts_content"] = json!(data_fingerprint(&cfg.prompts)?);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let then: Value = serde_json::from_str(&text).map_err(|e| {
@@ -118,6 +120,14 @@ fn check_args(cfg: &IterateConfig) -> Result<(), IterateError> {
             };
             for (k, old) in a {
                 let new = b.get(k).unwrap_or(&Value::Null);
+                if k == "prompts_content" && old != new {
+                    return Err(IterateError::Config(format!(
+                        "{} holds an IP run on other prompts: {} held {old} and holds {new} now; choose another \
+                         --output for new prompts",
+                        cfg.output.display(),
+                        cfg.prompts.display()
+                    )));
+                }
                 if k != "iterations" && old != new {
                     return Err(IterateError::Config(format!(
                         "{} holds an IP run started with --{} {old}; this run has {new}: repeat that run's flags \

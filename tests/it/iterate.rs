@@ -301,6 +301,15 @@ fn ip_rerun_after_kill_between_stages_redoes_nothing() {
         read_json(&dir.join("whole/report.json")),
         read_json(&out.join("report.json"))
     );
+
+    // Continuing with another flag is refused, naming it; --iterations may grow.
+    let mut other = args.clone();
+    other.extend(["--lr".to_string(), "2e-3".to_string()]);
+    let (success, _, stderr) = rrhf_env(&strs(&other), &[]);
+    assert!(
+        !success && stderr.contains("--lr 0.001") && stderr.contains("0.002"),
+        "{stderr}"
+    );
 }
 
 /// A prompt with one dataset response that VADER likes (reward ≈ 0.92), which the greedy generation of the random
