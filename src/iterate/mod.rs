@@ -229,13 +229,16 @@ pub fn run_cli(cfg: &IterateConfig) -> Result<(), IterateError> {
         }
         IterSetting::Op => {
             let s = op::run_op(cfg)?;
+            let kl = s
+                .last_kl
+                .map_or(String::new(), |k| format!(", mean KL {k:.4}"));
             eprintln!(
-                "OP-{}: {} rounds, {} steps; last round mean reward {:.4}, mean KL {:.4}; model in {}",
+                "OP-{}: {} rounds, {} steps; last round mean reward {:.4}{kl}; metrics.jsonl, op.png and the model \
+                 in {}",
                 cfg.resample_every.unwrap_or(0),
                 s.rounds,
                 s.steps,
                 s.last_reward,
-                s.last_kl,
                 cfg.output.display()
             );
         }

@@ -52,9 +52,9 @@ pub struct OpSummary {
     /// Rounds and optimizer steps run by this process.
     pub rounds: u64,
     pub steps: u64,
-    /// Mean reward R and mean KL of the last round's samples.
+    /// Mean reward R and mean KL (with a reference, β > 0) of the last round's samples.
     pub last_reward: f64,
-    pub last_kl: f64,
+    pub last_kl: Option<f64>,
 }
 
 /// A scratch directory for the round's prompt and sample files, removed on drop.
@@ -336,7 +336,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
         rounds: 0,
         steps: 0,
         last_reward: f64::NAN,
-        last_kl: f64::NAN,
+        last_kl: None,
     };
     let mut step = start_step;
     while step < total_steps {
@@ -586,8 +586,12 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
             "score_s": score_s,
             "train_s": train_s,
         }))?;
+        // Without a reference (β = 0) there is no KL to show.
+        let kl_text = kl
+            .as_ref()
+            .map_or(String::new(), |_| format!(", mean KL {kl_mean:.4}"));
         eprintln!(
-            "round {round}: steps {}..{round_end}, mean reward {reward_mean:.4}, mean KL {kl_mean:.4}, loss {:.4} \
+            "round {round}: steps {}..{round_end}, mean reward {reward_mean:.4}{kl_text}, loss {:.4} \
              (sample {sample_s:.1} s, score {score_s:.1} s, train {train_s:.1} s)",
             step + 1,
             rs.loss_sum / rs.steps.max(1) as f64,
@@ -595,7 +599,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
         summary.rounds += 1;
         summary.steps += round_end - step;
         summary.last_reward = reward_mean;
-        summary.last_kl = kl_mean;
+        summary.last_kl = kl.as_ref().map(|_| kl_mean);
 
         let is_last = round_end == total_steps;
         if is_last || t.save_every.is_some_and(|e| round_end % e == 0) {
