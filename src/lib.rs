@@ -21,6 +21,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod fsutil;
+pub mod iterate;
 pub mod model;
 pub mod rng;
 pub mod sample;

@@ -43,6 +43,9 @@ enum Command {
     /// The paper's metrics for one or more models: average reward of greedy generations, perplexity under an
     /// evaluator LM, RM accuracy of p_i, best-of-n; report.json, report.md, generations.jsonl, eval.png.
     Eval(rrhf::eval::command::EvalConfig),
+    /// The paper's iterated settings: IP-n (sample → score → train → eval, n times, resumable stage by stage) and
+    /// OP-k (online: re-sample with the current weights every k steps, optional KL penalty), in one command.
+    Iterate(rrhf::iterate::IterateConfig),
     /// Per-token log-probabilities of a text under a model.
     Logprobs(LogprobsArgs),
     /// Convert a GGUF file (llama architecture) into a Hugging Face model directory.
@@ -287,6 +290,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Score(cfg) => Ok(rrhf::score::command::run_cli(&cfg)?),
         Command::Eval(cfg) => Ok(rrhf::eval::command::run_cli(&cfg)?),
+        Command::Iterate(cfg) => Ok(rrhf::iterate::run_cli(&cfg)?),
         Command::Logprobs(a) => logprobs(a),
         Command::Convert(a) => convert(a),
         Command::Bench { which } => match which {

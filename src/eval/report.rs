@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::fsutil::write_atomic;
@@ -12,7 +12,7 @@ use crate::score::stats::RewardStats;
 use crate::train::plot::{plot_bars, BarSeries};
 
 /// The metrics of one evaluated model (one row of the report).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelReport {
     /// The model path as given to `--model`.
     pub model: String,

@@ -203,7 +203,7 @@ pub struct TrainSummary {
 }
 
 /// Seed of epoch `e`'s shuffle.
-fn epoch_seed(seed: u64, epoch: u64) -> u64 {
+pub(crate) fn epoch_seed(seed: u64, epoch: u64) -> u64 {
     seed ^ epoch.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
@@ -279,7 +279,11 @@ fn tokenize_all(
 /// Refuses a `--max-len` longer than the model's positions (read from its config), before any model work: GPT-2
 /// would otherwise fail at the first batch with an index error, and rotary models would train on positions they
 /// never saw.
-fn check_max_len(max_len: usize, config: &Value, source: &Path) -> Result<(), TrainError> {
+pub(crate) fn check_max_len(
+    max_len: usize,
+    config: &Value,
+    source: &Path,
+) -> Result<(), TrainError> {
     match max_positions(config) {
         Some((key, n)) if max_len > n => Err(TrainError::Config(format!(
             "--max-len {max_len} is longer than the model's {key} = {n} ({}): a sequence cannot have more \
@@ -300,13 +304,13 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 
 /// The config of a model directory read on its own (cheap), so `--max-len` is checked before the weights load;
 /// `None` for a GGUF file or an unreadable config (loading reports that one properly).
-fn config_of(model: &Path) -> Option<Value> {
+pub(crate) fn config_of(model: &Path) -> Option<Value> {
     let text = std::fs::read_to_string(model.join("config.json")).ok()?;
     serde_json::from_str(&text).ok()
 }
 
 /// `crc32 XXXXXXXX of N bytes` of a file's contents: a resumed run must train on the same bytes.
-fn data_fingerprint(path: &Path) -> Result<String, TrainError> {
+pub(crate) fn data_fingerprint(path: &Path) -> Result<String, TrainError> {
     let mut f = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut crc = flate2::Crc::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -321,7 +325,7 @@ fn data_fingerprint(path: &Path) -> Result<String, TrainError> {
 }
 
 /// What a resumed run must repeat to continue a run exactly, by flag name (stored in `trainer_state.json`).
-fn run_fingerprint(
+pub(crate) fn run_fingerprint(
     cfg: &TrainConfig,
     max_query_len: usize,
     data: String,
@@ -348,7 +352,7 @@ fn run_fingerprint(
 }
 
 /// Refuses to resume with a flag (or data) other than the checkpoint's run used, naming it and both values.
-fn check_same_run(
+pub(crate) fn check_same_run(
     checkpoint: &Path,
     then: &BTreeMap<String, Value>,
     now: &BTreeMap<String, Value>,
@@ -374,7 +378,7 @@ fn check_same_run(
 
 /// Refuses weights with NaN or infinite values before they are saved (the step checks make this unreachable in a
 /// normal run; it guards every path that writes weights).
-fn check_finite_weights(w: &Weights) -> Result<(), TrainError> {
+pub(crate) fn check_finite_weights(w: &Weights) -> Result<(), TrainError> {
     let mut names: Vec<&String> = w.tensors().keys().collect();
     names.sort();
     for name in names {
@@ -388,7 +392,7 @@ fn check_finite_weights(w: &Weights) -> Result<(), TrainError> {
 
 /// Test hook: `RRHF_FAULT_NAN_AT_STEP=3,5` makes the loss of the first micro-batch of those steps (1-based) NaN
 /// before its backward pass, as a numerically broken batch would, so tests can show what the trainer does then.
-fn fault_nan_at(step: u64) -> bool {
+pub(crate) fn fault_nan_at(step: u64) -> bool {
     std::env::var("RRHF_FAULT_NAN_AT_STEP").is_ok_and(|v| {
         v.split(',')
             .any(|s| s.trim().parse::<u64>().ok() == Some(step))
@@ -397,16 +401,16 @@ fn fault_nan_at(step: u64) -> bool {
 
 /// Loss terms of a set of queries, averaged, plus the tokens processed.
 #[derive(Debug, Default, Clone)]
-struct StepStats {
-    loss: f64,
-    rank_loss: f64,
-    sft_loss: f64,
+pub(crate) struct StepStats {
+    pub(crate) loss: f64,
+    pub(crate) rank_loss: f64,
+    pub(crate) sft_loss: f64,
     rank_acc_sum: f64,
     rank_acc_n: usize,
     p_best: f64,
     p_worst: f64,
-    queries: usize,
-    tokens: usize,
+    pub(crate) queries: usize,
+    pub(crate) tokens: usize,
     /// The first micro-batch (positions in the records given) whose loss was NaN or infinite, and that loss; the
     /// remaining micro-batches of the step are not run.
     nonfinite: Option<(std::ops::Range<usize>, f64)>,
@@ -430,11 +434,11 @@ impl StepStats {
         self.tokens += tokens;
     }
 
-    fn mean(&self, x: f64) -> f64 {
+    pub(crate) fn mean(&self, x: f64) -> f64 {
         x / self.queries.max(1) as f64
     }
 
-    fn rank_acc(&self) -> Option<f64> {
+    pub(crate) fn rank_acc(&self) -> Option<f64> {
         (self.rank_acc_n > 0).then(|| self.rank_acc_sum / self.rank_acc_n as f64)
     }
 }
@@ -523,6 +527,73 @@ fn run_queries(
         stats.add(&out, loss_value, batch.tokens);
     }
     Ok(stats)
+}
+
+/// What one optimizer step did.
+pub(crate) enum StepOutcome {
+    /// The weights took the update; the step's loss terms and its gradient norm before clipping.
+    Updated { stats: StepStats, grad_norm: f64 },
+    /// `what` (the loss or the gradient norm) was `value`: no weight was updated. `blamed`: the positions, in the
+    /// step's records, of the micro-batch with the bad loss, or all of them for a bad gradient norm (only known for
+    /// their sum).
+    NonFinite {
+        what: &'static str,
+        value: f64,
+        blamed: std::ops::Range<usize>,
+    },
+}
+
+/// One optimizer step on `records`: the loss and its gradient accumulated over micro-batches, global-norm
+/// clipping, and the AdamW update at `lr` unless the loss or the gradient norm is NaN or infinite. `poison` (a
+/// test hook) makes the first micro-batch's loss NaN. Shared by `rrhf train` and `rrhf iterate --setting OP`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn optimizer_step(
+    model: &CausalLm,
+    records: &[&TokenizedRecord],
+    cfg: &TrainConfig,
+    loss_cfg: &LossConfig,
+    pad_id: u32,
+    device: &Device,
+    (vars, optimizer): (&[candle_core::Var], &mut AdamW),
+    lr: f64,
+    poison: bool,
+) -> Result<StepOutcome, TrainError> {
+    let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let stats = run_queries(
+        model,
+        records,
+        cfg,
+        loss_cfg,
+        pad_id,
+        device,
+        Some((vars, &mut acc)),
+        poison,
+    )?;
+    if let Some((range, loss)) = &stats.nonfinite {
+        return Ok(StepOutcome::NonFinite {
+            what: LOSS,
+            value: *loss,
+            blamed: range.clone(),
+        });
+    }
+    let mut grads: Vec<Tensor> = Vec::with_capacity(acc.len());
+    for (v, g) in vars.iter().zip(acc) {
+        grads.push(match g {
+            Some(g) => g,
+            // A parameter outside the graph of this step's loss gets a zero gradient (AdamW still decays it).
+            None => Tensor::zeros(v.shape(), v.dtype(), v.device())?,
+        });
+    }
+    let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+    if !grad_norm.is_finite() {
+        return Ok(StepOutcome::NonFinite {
+            what: "the gradient norm",
+            value: grad_norm,
+            blamed: 0..records.len(),
+        });
+    }
+    optimizer.step(&grads, lr)?;
+    Ok(StepOutcome::Updated { stats, grad_norm })
 }
 
 /// Runs `rrhf train`.
@@ -677,39 +748,29 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         let picked: Vec<&TokenizedRecord> = picked_idx.iter().map(|&i| &data.records[i]).collect();
         let lr = lr_at(cfg.schedule, cfg.lr, step, warmup, total_steps);
         let done = step + 1;
-        let mut acc: Vec<Option<Tensor>> = vec![None; var_list.len()];
-        let stats = run_queries(
+        let (stats, nonfinite, grad_norm) = match optimizer_step(
             &model,
             &picked,
             cfg,
             &loss_cfg,
             pad_id,
             &device,
-            Some((&var_list, &mut acc)),
+            (&var_list, &mut optimizer),
+            lr,
             fault_nan_at(done),
-        )?;
-        // Which records to blame, and for what: the micro-batch whose loss was not finite, or (a finite loss with
-        // a non-finite gradient norm) every micro-batch of the step.
-        let mut nonfinite: Option<(&'static str, f64, &[usize])> = stats
-            .nonfinite
-            .as_ref()
-            .map(|(range, loss)| (LOSS, *loss, &picked_idx[range.clone()]));
-        let mut grad_norm = f64::NAN;
-        let mut grads: Vec<Tensor> = Vec::new();
-        if nonfinite.is_none() {
-            grads.reserve(acc.len());
-            for (v, g) in var_list.iter().zip(acc) {
-                grads.push(match g {
-                    Some(g) => g,
-                    // A parameter outside the graph of this step's loss gets a zero gradient (AdamW still decays it).
-                    None => Tensor::zeros(v.shape(), v.dtype(), v.device())?,
-                });
-            }
-            grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-            if !grad_norm.is_finite() {
-                nonfinite = Some(("the gradient norm", grad_norm, picked_idx));
-            }
-        }
+        )? {
+            StepOutcome::Updated { stats, grad_norm } => (stats, None, grad_norm),
+            // Which records to blame: the micro-batch whose loss was not finite, or every one of the step.
+            StepOutcome::NonFinite {
+                what,
+                value,
+                blamed,
+            } => (
+                StepStats::default(),
+                Some((what, value, &picked_idx[blamed])),
+                f64::NAN,
+            ),
+        };
         if let Some((what, value, blamed)) = nonfinite {
             let origins: Vec<String> = blamed.iter().map(|&i| data.origin(i)).collect();
             if skipped_nonfinite >= cfg.skip_nonfinite {
@@ -744,7 +805,6 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 origins.join(", ")
             ));
         } else {
-            optimizer.step(&grads, lr)?;
             let secs = t0.elapsed().as_secs_f64();
             tokens_done += stats.tokens;
             time_spent += secs;
@@ -853,10 +913,10 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
 }
 
 /// What [`TrainError::NonFinite`] names when the loss itself is not finite.
-const LOSS: &str = "the loss";
+pub(crate) const LOSS: &str = "the loss";
 
 /// The error that stops a run at a non-finite step, saying which records and what to do next.
-fn nonfinite_error(
+pub(crate) fn nonfinite_error(
     cfg: &TrainConfig,
     step: u64,
     what: &'static str,

@@ -7,6 +7,7 @@ mod errors;
 mod eval;
 mod generate;
 mod gradients;
+mod iterate;
 mod loss;
 mod packing;
 mod reference;
