@@ -170,6 +170,9 @@ pub struct TrainArgs {
     /// packed: one row per query shared by its responses; padded: one row per response.
     #[arg(long, default_value = "packed")]
     pub layout: Layout,
+    /// Recompute each decoder block in backward (less memory, about a third more compute).
+    #[arg(long)]
+    pub grad_checkpoint: bool,
     /// Print a plain progress line every N steps when stderr is not a terminal.
     #[arg(long, default_value_t = 10)]
     pub log_every: u64,
@@ -316,6 +319,7 @@ impl IterateConfig {
             overwrite: false,
             skip_nonfinite: t.skip_nonfinite,
             layout: t.layout,
+            grad_checkpoint: t.grad_checkpoint,
             log_every: t.log_every,
         }
     }
