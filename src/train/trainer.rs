@@ -26,12 +26,15 @@ use crate::model::save::{link_pretrained, save_pretrained};
 use crate::model::{load_model, CausalLm, ModelError, Weights};
 use crate::rng::Rng;
 
-use super::checkpoint::{load_checkpoint_state, save_checkpoint, CheckpointParts, TrainerState};
+use super::checkpoint::{
+    load_checkpoint_state, save_checkpoint, CheckpointParts, LossScalerState, TrainerState,
+};
 use super::log::{read_metrics, MetricsLog, Progress};
 use super::loss::{rrhf_loss, LossConfig, SftReduction};
 use super::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use super::output::{clear_previous_run, latest_checkpoint, previous_run};
 use super::plot::{plot_curves, Series};
+use super::precision::{stored_dtype, LossScaler, Precision, ScaleOutcome};
 use super::schedule::{lr_at, warmup_steps, ScheduleKind};
 
 /// Everything `rrhf train` can be told (every field is a flag; `--config FILE.toml` may set any of them).
@@ -109,9 +112,17 @@ pub struct TrainConfig {
     /// Keep at most N checkpoints (0: all).
     #[arg(long, default_value_t = 0)]
     pub save_total_limit: usize,
-    /// dtype of the final saved model (default: the training dtype); checkpoints keep the training dtype.
+    /// dtype of the final saved model (default: the dtype --model stores its weights in, else the training
+    /// dtype); checkpoints always hold the f32 master weights, so a resumed run continues exactly.
     #[arg(long)]
     pub save_dtype: Option<DTypeSpec>,
+    /// `--dtype f16`: initial loss scale (dynamic: halved on overflow, doubled after --loss-scale-window good
+    /// steps).
+    #[arg(long, default_value_t = 65536.0)]
+    pub loss_scale: f64,
+    /// `--dtype f16`: good steps in a row after which the loss scale doubles.
+    #[arg(long, default_value_t = 2000)]
+    pub loss_scale_window: u64,
     /// Continue from OUTPUT/checkpoint-N (same data and flags): the loss sequence equals an uninterrupted run.
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -339,6 +350,7 @@ fn run_fingerprint(
             json!(cfg.sft_reduction.to_string()),
         ),
         ("--data content".into(), json!(data)),
+        ("--dtype".into(), json!(cfg.model.dtype.to_string())),
     ])
 }
 
@@ -447,6 +459,7 @@ fn run_queries(
     device: &Device,
     mut grads: Option<(&[candle_core::Var], &mut Vec<Option<Tensor>>)>,
     poison: bool,
+    loss_scale: f64,
 ) -> Result<StepStats, TrainError> {
     let mut stats = StepStats::default();
     let total = records.len();
@@ -475,7 +488,7 @@ fn run_queries(
         }
         if let Some((vars, acc)) = grads.as_mut() {
             let weight = chunk.len() as f64 / total as f64;
-            let store = (&loss * weight)?.backward()?;
+            let store = (&loss * (weight * loss_scale))?.backward()?;
             for (slot, var) in acc.iter_mut().zip(vars.iter()) {
                 if let Some(g) = store.get(var.as_tensor()) {
                     *slot = Some(match slot.take() {
@@ -541,7 +554,8 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
     if let Some(config) = config_of(model_path) {
         check_max_len(cfg.records.max_len, &config, model_path)?;
     }
-    let loaded = load_model(model_path, &device, dtype)?;
+    // Loaded in f32: these are the master weights; Precision casts the copy the model computes with.
+    let loaded = load_model(model_path, &device, candle_core::DType::F32)?;
     // Again for GGUF files, whose config comes with the weights.
     check_max_len(cfg.records.max_len, &loaded.side.config, model_path)?;
     let data = tokenize_all(&cfg.data, read, &cfg.records, &loaded)?;
@@ -589,7 +603,10 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         serde_json::to_string_pretty(args_json).map_err(|e| TrainError::Config(e.to_string()))?;
     write_atomic(&cfg.output.join("args.json"), args_text.as_bytes())?;
 
-    let (model, vars) = loaded.model.trainable()?;
+    let scaler = LossScaler::new(cfg.loss_scale, cfg.loss_scale_window)
+        .map_err(|e| TrainError::Config(format!("--loss-scale / --loss-scale-window: {e}")))?;
+    let (model, mut precision) = Precision::new(&loaded.model, dtype, Some(scaler))?;
+    let vars = precision.masters().to_vec();
     let mut optimizer = AdamW::new(
         vars.clone(),
         AdamWConfig {
@@ -605,12 +622,19 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         optimizer.load_state(opt, state.optimizer_steps.unwrap_or(state.step))?;
         start_step = state.step;
         skipped_nonfinite = state.skipped_nonfinite;
+        if let (Some(s), Some(saved)) = (precision.scaler.as_mut(), &state.loss_scaler) {
+            (s.scale, s.good_steps) = (saved.scale, saved.good_steps);
+        }
     }
+    let mut overflow_skips = resume_state
+        .as_ref()
+        .and_then(|(s, _)| s.loss_scaler.as_ref())
+        .map_or(0, |s| s.overflow_skips);
     let mut metrics = MetricsLog::open(
         &cfg.output.join("metrics.jsonl"),
         resume_state.as_ref().map(|s| s.0.step),
     )?;
-    let var_list: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let var_list: Vec<candle_core::Var> = precision.compute_vars();
     let pad_id = loaded.tokenizer.pad_id;
     let progress = Progress::new(total_steps, start_step, cfg.log_every);
     progress.message(&format!(
@@ -652,6 +676,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             &device,
             Some((&var_list, &mut acc)),
             fault_nan_at(done),
+            precision.loss_scale(),
         )?;
         // Which records to blame, and for what: the micro-batch whose loss was not finite, or (a finite loss with
         // a non-finite gradient norm) every micro-batch of the step.
@@ -661,6 +686,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             .map(|(range, loss)| (LOSS, *loss, &picked_idx[range.clone()]));
         let mut grad_norm = f64::NAN;
         let mut grads: Vec<Tensor> = Vec::new();
+        let mut overflow = false;
         if nonfinite.is_none() {
             grads.reserve(acc.len());
             for (v, g) in var_list.iter().zip(acc) {
@@ -670,8 +696,17 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                     None => Tensor::zeros(v.shape(), v.dtype(), v.device())?,
                 });
             }
+            grads = precision.master_grads(grads)?;
             grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-            if !grad_norm.is_finite() {
+            // Under f16 loss scaling an overflow is expected (the scale is probed upwards): skip and halve, not an
+            // error; a non-finite norm at the floor scale (or without scaling) is a real one.
+            let outcome = match precision.scaler.as_mut() {
+                Some(s) => s.update(grad_norm),
+                None if grad_norm.is_finite() => ScaleOutcome::Step,
+                None => ScaleOutcome::NonFinite,
+            };
+            overflow = outcome == ScaleOutcome::Overflow;
+            if outcome == ScaleOutcome::NonFinite {
                 nonfinite = Some(("the gradient norm", grad_norm, picked_idx));
             }
         }
@@ -708,13 +743,28 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 cfg.skip_nonfinite,
                 origins.join(", ")
             ));
+        } else if overflow {
+            overflow_skips += 1;
+            let scale = precision.loss_scale();
+            metrics.write(&json!({
+                "step": done,
+                "epoch": done as f64 / steps_per_epoch as f64,
+                "overflow": true,
+                "loss_scale": scale,
+                "overflow_skips": overflow_skips,
+                "lr": lr,
+            }))?;
+            progress.message(&format!(
+                "step {done}: f16 gradients overflowed; step skipped, loss scale now {scale}"
+            ));
         } else {
             optimizer.step(&grads, lr)?;
+            precision.sync()?;
             let secs = t0.elapsed().as_secs_f64();
             tokens_done += stats.tokens;
             time_spent += secs;
             last_loss = stats.mean(stats.loss);
-            metrics.write(&json!({
+            let mut line = json!({
                 "step": done,
                 "epoch": done as f64 / steps_per_epoch as f64,
                 "loss": last_loss,
@@ -729,14 +779,21 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 "tokens": stats.tokens,
                 "tokens_per_s": stats.tokens as f64 / secs,
                 "step_s": secs,
-            }))?;
+            });
+            if let Some(s) = &precision.scaler {
+                line["loss_scale"] = json!(s.scale);
+                line["overflow_skips"] = json!(overflow_skips);
+            }
+            metrics.write(&line)?;
             progress.step(done, last_loss, stats.tokens as f64 / secs);
         }
         let is_last = done == total_steps;
         if let Some(ev) = &eval {
             if is_last || cfg.eval_every.is_some_and(|k| k > 0 && done % k == 0) {
                 let refs: Vec<&TokenizedRecord> = ev.records.iter().collect();
-                let s = run_queries(&model, &refs, cfg, &loss_cfg, pad_id, &device, None, false)?;
+                let s = run_queries(
+                    &model, &refs, cfg, &loss_cfg, pad_id, &device, None, false, 1.0,
+                )?;
                 metrics.write(&json!({
                     "step": done,
                     "eval_loss": s.mean(s.loss),
@@ -753,7 +810,8 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             }
         }
         if is_last || cfg.save_every.is_some_and(|k| k > 0 && done % k == 0) {
-            check_finite_weights(model.weights())?;
+            let masters = precision.master_weights(model.weights());
+            check_finite_weights(&masters)?;
             let state = TrainerState {
                 step: done,
                 total_steps,
@@ -765,11 +823,16 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 skipped_nonfinite,
                 optimizer_steps: Some(optimizer.steps()),
                 run: Some(run.clone()),
+                loss_scaler: precision.scaler.map(|s| LossScalerState {
+                    scale: s.scale,
+                    good_steps: s.good_steps,
+                    overflow_skips,
+                }),
             };
             let dir = save_checkpoint(
                 &cfg.output,
                 &CheckpointParts {
-                    weights: model.weights(),
+                    weights: &masters,
                     tokenizer: &loaded.tokenizer,
                     side: &loaded.side,
                     optimizer: optimizer.state_tensors()?,
@@ -786,15 +849,20 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         }
     }
     // The final model, in Hugging Face layout, at the top of the output directory. When the last checkpoint holds
-    // exactly these files (same dtype), they are linked rather than written a second time.
-    let save_dtype = cfg.save_dtype.map_or(dtype, DTypeSpec::dtype);
+    // exactly these files (the f32 masters), they are linked rather than written a second time.
+    let save_dtype = cfg
+        .save_dtype
+        .map(DTypeSpec::dtype)
+        .or_else(|| stored_dtype(&cfg.model.model))
+        .unwrap_or(dtype);
     match final_checkpoint {
-        Some(ck) if save_dtype == dtype => link_pretrained(&ck, &cfg.output)?,
+        Some(ck) if save_dtype == candle_core::DType::F32 => link_pretrained(&ck, &cfg.output)?,
         _ => {
-            check_finite_weights(model.weights())?;
+            let masters = precision.master_weights(model.weights());
+            check_finite_weights(&masters)?;
             save_pretrained(
                 &cfg.output,
-                model.weights(),
+                &masters,
                 &loaded.tokenizer,
                 &loaded.side,
                 Some(save_dtype),

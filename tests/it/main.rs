@@ -9,6 +9,7 @@ mod generate;
 mod gradients;
 mod loss;
 mod packing;
+mod precision;
 mod reference;
 mod reliability;
 mod sample;
