@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 use super::error::Result;
 
@@ -282,7 +282,7 @@ impl CustomOp2 for LabelLogProbGrad {
 
 /// Log-probabilities `[N]` of `labels` under `logits` `[N, V]`: fused on CPU f32, composed elsewhere.
 pub fn label_logprobs(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+    if super::layers::fused_ok(&[logits]) {
         let logits = logits.contiguous()?;
         return Ok(logits.apply_op1(LabelLogProb {
             labels: Arc::new(labels.to_vec()),
@@ -403,7 +403,7 @@ pub fn masked_softmax(scores: &Tensor, mask: &HostMask, scale: f64) -> Result<Te
 mod tests {
     use super::*;
     use crate::model::fused_elementwise::tests::{check, rand};
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn exp_approx_is_accurate() {
