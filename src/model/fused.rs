@@ -154,6 +154,8 @@ mod kernels {
 /// Defines `fast::$name(args)`: `kernels::$name` compiled for AVX-512 or AVX2+FMA, chosen at run time.
 macro_rules! multiversion {
     ($($name:ident($($a:ident: $t:ty),*) -> $ret:ty;)*) => {
+        // The generated wrappers take the kernels' argument lists as they are (the attention rows take up to 13).
+        #[allow(clippy::too_many_arguments)]
         mod fast {
             use super::kernels;
             $(
