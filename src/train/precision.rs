@@ -266,4 +266,23 @@ mod tests {
         assert!(LossScaler::new(0.5, 1).is_err());
         assert!(LossScaler::new(8.0, 0).is_err());
     }
+
+    #[test]
+    fn stored_dtype_reads_the_safetensors_header() {
+        let dir = std::env::temp_dir().join(format!("rrhf-stored-dtype-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(stored_dtype(&dir), None, "no weights: unknown");
+        let dev = candle_core::Device::Cpu;
+        let t = Tensor::zeros((2, 3), DType::BF16, &dev).unwrap();
+        let ids = Tensor::zeros(4, DType::U32, &dev).unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([("a.ids".to_string(), ids), ("b.weight".to_string(), t)]),
+            dir.join("model.safetensors"),
+        )
+        .unwrap();
+        assert_eq!(stored_dtype(&dir), Some(DType::BF16));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+        assert_eq!(stored_dtype(&fixture), Some(DType::F32));
+    }
 }
