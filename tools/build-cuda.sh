@@ -77,11 +77,16 @@ CARGO_HOME_DIR=${CARGO_HOME:-$HOME/.cargo}
 SRC=$(ls -d "$CARGO_HOME_DIR"/registry/src/*/"candle-core-$CANDLE_VERSION" 2>/dev/null | head -1)
 [[ -d "$SRC" ]] || die "candle-core $CANDLE_VERSION sources not found under $CARGO_HOME_DIR/registry/src"
 mkdir -p "$BUILD"
-rm -rf "$BUILD/candle-core"
-cp -r "$SRC" "$BUILD/candle-core"
-grep -q '"dynamic-linking",' "$BUILD/candle-core/Cargo.toml" \
-  || die "candle-core $CANDLE_VERSION no longer asks for cudarc's dynamic-linking: revisit this script"
-sed -i 's/"dynamic-linking",/"dynamic-loading",/' "$BUILD/candle-core/Cargo.toml"
+# Copied once per candle version (a fresh copy would make cargo rebuild candle-core every time).
+if [[ "$(cat "$BUILD/candle-core.version" 2>/dev/null)" != "$CANDLE_VERSION" ]]; then
+  rm -rf "$BUILD/candle-core"
+  cp -r "$SRC" "$BUILD/candle-core"
+  grep -q '"dynamic-linking",' "$BUILD/candle-core/Cargo.toml" \
+    || die "candle-core $CANDLE_VERSION no longer asks for cudarc's dynamic-linking: revisit this script"
+  sed -i 's/"dynamic-linking",/"dynamic-loading",/' "$BUILD/candle-core/Cargo.toml"
+  echo "$CANDLE_VERSION" >"$BUILD/candle-core.version"
+fi
+grep -q '"dynamic-loading",' "$BUILD/candle-core/Cargo.toml" || die "$BUILD/candle-core is not the patched copy; remove it"
 
 # 3. cudart linked statically: a link folder with nothing but libcudart.a.
 mkdir -p "$BUILD/link"
@@ -89,10 +94,11 @@ ln -sf "$CUDA_ROOT_DIR/lib/libcudart_static.a" "$BUILD/link/libcudart.a"
 
 # The crate copy the build runs in (the patch rewrites its Cargo.lock, not the repository's).
 mkdir -p "$BUILD/crate"
-rm -rf "$BUILD/crate/src"
-cp -r "$ROOT/src" "$BUILD/crate/src"
-cp "$ROOT/Cargo.toml" "$ROOT/Cargo.lock" "$BUILD/crate/"
-[[ -d "$ROOT/assets" ]] && { rm -rf "$BUILD/crate/assets"; cp -r "$ROOT/assets" "$BUILD/crate/assets"; }
+# cp -a keeps modification times, so a rerun recompiles only what changed.
+rm -rf "$BUILD/crate/src" "$BUILD/crate/assets"
+cp -a "$ROOT/src" "$BUILD/crate/src"
+cp -a "$ROOT/Cargo.toml" "$ROOT/Cargo.lock" "$BUILD/crate/"
+if [[ -d "$ROOT/assets" ]]; then cp -a "$ROOT/assets" "$BUILD/crate/assets"; fi
 cat >>"$BUILD/crate/Cargo.toml" <<EOF
 
 [patch.crates-io]
