@@ -75,10 +75,10 @@ fn open_cuda(n: usize) -> candle_core::Result<Device> {
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown error".into());
             if detail.contains("\"cuda\" shared library") {
-                format!(
-                    "no CUDA device found: the NVIDIA driver library (libcuda.so.1) is not on this machine or not \
-                     on the loader path, so there is no GPU to use; pass --device cpu (detail: {detail})"
-                )
+                // (cudarc's message lists three dozen file names; the one that matters is libcuda.so.1.)
+                "no CUDA device found: the NVIDIA driver library libcuda.so.1 cannot be loaded (no NVIDIA driver \
+                 on this machine, or not on LD_LIBRARY_PATH); pass --device cpu"
+                    .to_string()
             } else {
                 format!(
                     "cannot open cuda:{n}: a CUDA library could not be loaded ({detail}); put CUDA 13 or 12 \
