@@ -16,6 +16,8 @@ pub struct ForwardBench {
     pub hidden: usize,
     pub layers: usize,
     pub heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `heads`).
+    pub kv_heads: usize,
     pub intermediate: usize,
     pub vocab: usize,
     pub batch: usize,
@@ -29,6 +31,7 @@ impl Default for ForwardBench {
             hidden: 512,
             layers: 8,
             heads: 8,
+            kv_heads: 8,
             intermediate: 1376,
             vocab: 32000,
             batch: 4,
@@ -52,7 +55,7 @@ impl ForwardBench {
         let v = json!({
             "architectures": ["LlamaForCausalLM"], "vocab_size": self.vocab, "hidden_size": self.hidden,
             "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads, "num_key_value_heads": self.heads, "rms_norm_eps": 1e-5,
+            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0, "tie_word_embeddings": false
         });
         ModelConfig::from_value(&v, std::path::Path::new("<bench config>"))

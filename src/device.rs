@@ -37,17 +37,58 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Opens the device; CUDA needs a binary built with `--features cuda`.
+    /// Opens the device; CUDA needs a binary built with `--features cuda` (see tools/build-cuda.sh).
     pub fn open(self) -> candle_core::Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(n) => Device::new_cuda(n).map_err(|e| {
-                candle_core::Error::Msg(format!(
-                    "cannot open cuda:{n} ({e}); CUDA needs a build with `cargo build --release --features cuda`"
-                ))
-            }),
+            Self::Cuda(n) => open_cuda(n),
         }
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(n: usize) -> candle_core::Result<Device> {
+    Err(candle_core::Error::Msg(format!(
+        "cannot open cuda:{n}: this rrhf binary was built without CUDA; build one with `bash tools/build-cuda.sh` \
+         (or `cargo build --release --features cuda` where a CUDA toolkit is installed), or pass --device cpu"
+    )))
+}
+
+/// Opens CUDA device `n`. The CUDA build loads libcuda, libcublas, libcurand and libnvrtc when the first device is
+/// opened (cudarc's dynamic loading, so the binary starts on machines without them), and cudarc *panics* when one
+/// cannot be loaded: the panic is caught here and turned into an error that says what is missing.
+#[cfg(feature = "cuda")]
+fn open_cuda(n: usize) -> candle_core::Result<Device> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Device::new_cuda(n));
+    std::panic::set_hook(hook);
+    let msg = match opened {
+        Ok(Ok(device)) => return Ok(device),
+        Ok(Err(e)) => {
+            format!("no CUDA device cuda:{n} found ({e}); check `nvidia-smi`, or pass --device cpu")
+        }
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown error".into());
+            if detail.contains("\"cuda\" shared library") {
+                // (cudarc's message lists three dozen file names; the one that matters is libcuda.so.1.)
+                "no CUDA device found: the NVIDIA driver library libcuda.so.1 cannot be loaded (no NVIDIA driver \
+                 on this machine, or not on LD_LIBRARY_PATH); pass --device cpu"
+                    .to_string()
+            } else {
+                format!(
+                    "cannot open cuda:{n}: a CUDA library could not be loaded ({detail}); put CUDA 13 or 12 \
+                     libcublas, libcublasLt, libcurand and libnvrtc on LD_LIBRARY_PATH (for example the \
+                     nvidia/*/lib folders of a PyTorch installation)"
+                )
+            }
+        }
+    };
+    Err(candle_core::Error::Msg(msg))
 }
 
 /// Floating-point type of the weights and activations: `f32`, `bf16` or `f16`.

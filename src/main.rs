@@ -129,6 +129,9 @@ enum BenchCommand {
         /// Recompute each decoder block in backward (as `rrhf train --grad-checkpoint`).
         #[arg(long)]
         grad_checkpoint: bool,
+        /// The random LLaMA (without --model): its shape and the synthetic step.
+        #[command(flatten)]
+        synthetic: SyntheticTrainArgs,
     },
     /// Generated tokens/s of greedy, beam and diverse beam search (KV-cached) on the forward benchmark's LLaMA.
     Generate {
@@ -169,6 +172,41 @@ enum BenchCommand {
         #[arg(long, default_value_t = 256)]
         seq_len: usize,
     },
+}
+
+/// `rrhf bench train` without --model: the random LLaMA and the synthetic records (defaults: hidden 512, 8 layers,
+/// 8 heads, vocab 32000; 2 queries × k = 4, query 128 + response 64 tokens; packed and padded).
+#[derive(clap::Args, Debug, Clone)]
+struct SyntheticTrainArgs {
+    #[arg(long, default_value_t = 512)]
+    hidden: usize,
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// Key/value heads (default: --heads).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    #[arg(long, default_value_t = 1376)]
+    intermediate: usize,
+    #[arg(long, default_value_t = 32000)]
+    vocab: usize,
+    /// Responses per query.
+    #[arg(long, default_value_t = 4)]
+    k: usize,
+    /// Queries per step.
+    #[arg(long, default_value_t = 2)]
+    queries: usize,
+    #[arg(long, default_value_t = 128)]
+    query_len: usize,
+    #[arg(long, default_value_t = 64)]
+    response_len: usize,
+    /// Compute dtype (bf16/f16: f32 masters, as `rrhf train --dtype`).
+    #[arg(long, default_value = "f32")]
+    dtype: DTypeSpec,
+    /// Time only this layout (default: packed and padded).
+    #[arg(long)]
+    only_layout: Option<rrhf::data::batch::Layout>,
 }
 
 /// Large tensor buffers stay mapped between training steps (see `rrhf::alloc`).
@@ -327,6 +365,7 @@ fn run(cli: Cli) -> Result<()> {
                 layout,
                 json,
                 grad_checkpoint,
+                ..
             } => bench_train_real(
                 &model,
                 &data,
@@ -341,15 +380,55 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 json,
             ),
-            BenchCommand::Train { device, iters, .. } => {
+            BenchCommand::Train {
+                device,
+                iters,
+                json,
+                synthetic: a,
+                ..
+            } => {
                 let b = rrhf::train::bench::TrainBench {
+                    model: ForwardBench {
+                        hidden: a.hidden,
+                        layers: a.layers,
+                        heads: a.heads,
+                        kv_heads: a.kv_heads.unwrap_or(a.heads),
+                        intermediate: a.intermediate,
+                        vocab: a.vocab,
+                        ..ForwardBench::default()
+                    },
+                    queries: a.queries,
+                    k: a.k,
+                    query_len: a.query_len,
+                    response_len: a.response_len,
                     iters,
-                    ..Default::default()
+                    dtype: a.dtype.dtype(),
+                    layouts: match a.only_layout {
+                        Some(l) => vec![l],
+                        None => vec![
+                            rrhf::data::batch::Layout::Packed,
+                            rrhf::data::batch::Layout::Padded,
+                        ],
+                    },
                 };
-                let rows = b.run(&device.open()?)?;
+                let results = b.run_report(&device.open()?)?;
+                if json {
+                    for r in &results {
+                        println!("{}", r.to_json());
+                    }
+                    return Ok(());
+                }
+                let rows: Vec<rrhf::bench::BenchRow> = results
+                    .iter()
+                    .map(|r| rrhf::bench::BenchRow {
+                        what: format!("{} ({} tokens)", r.layout, r.row_tokens),
+                        seconds: r.step_s,
+                        tokens_per_s: r.response_tokens as f64 / r.step_s,
+                    })
+                    .collect();
                 let title = format!(
-                    "rrhf bench train: one optimizer step, LLaMA hidden {} × {} layers, vocab {}, {} queries × k = {} (query {} + response {} tokens), {device}; tokens/s = response tokens",
-                    b.model.hidden, b.model.layers, b.model.vocab, b.queries, b.k, b.query_len, b.response_len
+                    "rrhf bench train: one optimizer step, LLaMA hidden {} × {} layers, {} heads ({} kv), vocab {}, {} queries × k = {} (query {} + response {} tokens), {device}, {}; tokens/s = response tokens",
+                    b.model.hidden, b.model.layers, b.model.heads, b.model.kv_heads, b.model.vocab, b.queries, b.k, b.query_len, b.response_len, a.dtype
                 );
                 print!("{}", format_table(&title, &rows));
                 Ok(())

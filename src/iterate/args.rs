@@ -173,6 +173,12 @@ pub struct TrainArgs {
     /// Recompute each decoder block in backward (less memory, about a third more compute).
     #[arg(long)]
     pub grad_checkpoint: bool,
+    /// `--dtype f16`: initial loss scale of IP's training (dynamic, as `rrhf train`).
+    #[arg(long, default_value_t = 65536.0)]
+    pub loss_scale: f64,
+    /// `--dtype f16`: good steps in a row after which the loss scale doubles.
+    #[arg(long, default_value_t = 2000)]
+    pub loss_scale_window: u64,
     /// Print a plain progress line every N steps when stderr is not a terminal.
     #[arg(long, default_value_t = 10)]
     pub log_every: u64,
@@ -320,6 +326,8 @@ impl IterateConfig {
             skip_nonfinite: t.skip_nonfinite,
             layout: t.layout,
             grad_checkpoint: t.grad_checkpoint,
+            loss_scale: t.loss_scale,
+            loss_scale_window: t.loss_scale_window,
             log_every: t.log_every,
         }
     }

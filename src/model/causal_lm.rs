@@ -241,7 +241,7 @@ impl CausalLm {
             let end = (start + chunk_rows).min(labels.len());
             let idx = Tensor::new(&labels.flat_positions[start..end], device)?;
             let rows = flat.index_select(&idx, 0)?;
-            let logits = if rows.device().is_cpu() && rows.dtype() == DType::F32 {
+            let logits = if super::layers::fused_ok(&[&rows, self.lm_head()]) {
                 super::fused_linear::linear(&rows, self.lm_head())?
             } else {
                 rows.matmul(&head_t)?

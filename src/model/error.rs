@@ -55,9 +55,16 @@ pub enum ModelError {
     /// Bad arguments to a model call (shapes of ids, masks, labels).
     #[error("{0}")]
     Input(String),
-    /// A tensor operation failed.
+    /// A tensor operation failed. (Not marked as the error's source: the message already holds it, and
+    /// `{:#}` would print it twice.)
     #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Candle(e)
+    }
 }
 
 /// Result of the model layer.

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 use super::error::Result;
 
@@ -203,6 +203,8 @@ mod kernels {
 /// Defines `fast::$name(args)`: `kernels::$name` compiled for AVX-512 or AVX2+FMA, chosen at run time.
 macro_rules! multiversion {
     ($($name:ident($($a:ident: $t:ty),*) -> $ret:ty;)*) => {
+        // The generated wrappers take the kernels' argument lists as they are (the attention rows take up to 13).
+        #[allow(clippy::too_many_arguments)]
         mod fast {
             use super::kernels;
             $(
@@ -336,7 +338,7 @@ impl CustomOp2 for LabelLogProbGrad {
 
 /// Log-probabilities `[N]` of `labels` under `logits` `[N, V]`: fused on CPU f32, composed elsewhere.
 pub fn label_logprobs(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+    if super::layers::fused_ok(&[logits]) {
         let logits = logits.contiguous()?;
         return Ok(logits.apply_op1(LabelLogProb {
             labels: Arc::new(labels.to_vec()),
@@ -457,7 +459,7 @@ pub fn masked_softmax(scores: &Tensor, mask: &HostMask, scale: f64) -> Result<Te
 mod tests {
     use super::*;
     use crate::model::fused_elementwise::tests::{check, rand};
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn exp_approx_is_accurate() {

@@ -13,6 +13,34 @@ use super::fused_attention::{span_attention, KeySpans};
 use super::fused_elementwise::{self, RopeTables};
 use super::fused_linear;
 
+thread_local! {
+    /// Set by [`with_composed_ops`]: the fused CPU ops are bypassed on this thread.
+    static COMPOSED_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every fused CPU op replaced by its composed path — the one CUDA and half-precision inputs take —
+/// on this thread, so tests can check on the CPU that the two paths agree (values and gradients). Only the forward
+/// needs to run inside: each op's backward is fixed when the forward records it.
+pub fn with_composed_ops<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            COMPOSED_ONLY.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(COMPOSED_ONLY.with(|c| c.replace(true)));
+    f()
+}
+
+/// Whether the fused CPU kernels (f32, host memory, with their own backward) may run on these tensors: elsewhere
+/// (CUDA, bf16/f16, f64) the composed candle ops are used, which have a backward on every device.
+pub(crate) fn fused_ok(xs: &[&Tensor]) -> bool {
+    !COMPOSED_ONLY.with(|c| c.get())
+        && xs
+            .iter()
+            .all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
+}
+
 /// The dtype that norms, softmax and scores are computed in: f32 for half types, else the input's own.
 fn upcast(x: &Tensor) -> Result<Tensor> {
     Ok(match x.dtype() {
@@ -53,10 +81,7 @@ pub struct Linear {
 impl Linear {
     /// `x @ Wᵀ + b` over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-        {
+        let y = if fused_ok(&[x, &self.weight]) {
             let dims = x.dims();
             let k = dims[dims.len() - 1];
             let y =
@@ -99,7 +124,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+        if fused_ok(&[x, &self.weight]) {
             return Ok(fused_elementwise::rms_norm(x, &self.weight, self.eps)?);
         }
         let dtype = x.dtype();
@@ -146,7 +171,7 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
 
 /// `act(gate) ⊙ up`, the gated MLP of LLaMA (fused for SiLU in f32 on the CPU).
 pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
-    if act == Activation::Silu && gate.device().is_cpu() && gate.dtype() == DType::F32 {
+    if act == Activation::Silu && fused_ok(&[gate, up]) {
         return Ok(fused_elementwise::swiglu(gate, up)?);
     }
     Ok((activate(gate, act)? * up)?)
@@ -232,7 +257,7 @@ impl Rotary {
         let inv = Tensor::from_vec(inv, (1, 1, half), device)?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
         let freqs = pos.broadcast_mul(&inv)?;
-        let tables = if device.is_cpu() && dtype == DType::F32 {
+        let tables = if device.is_cpu() && dtype == DType::F32 && fused_ok(&[]) {
             let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
             RotaryTables::Fused(RopeTables::new(
                 flat(freqs.cos()?)?,
@@ -297,6 +322,9 @@ impl AttnMask {
     /// From a boolean mask `[B, Tq, Tk]` (u8, 1 = query position may attend key position).
     pub fn new(mask: &Tensor) -> Result<Self> {
         let mut m = Self::composed(mask)?;
+        if !fused_ok(&[]) {
+            return Ok(m);
+        }
         m.host = HostMask::new(mask)?;
         if let Some(host) = &m.host {
             let (b, tq, tk) = mask.dims3()?;
@@ -383,4 +411,132 @@ pub fn u32_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
     }
     let flat: Vec<u32> = rows.iter().flatten().copied().collect();
     Ok(Tensor::from_vec(flat, (b, t), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each layer's fused CPU path against its composed path (the one CUDA and half types run), through the
+    //! layer API itself, values and gradients.
+    use super::*;
+    use crate::model::fused_elementwise::tests::{check, rand};
+
+    /// `f` on the fused path against `f` under [`with_composed_ops`].
+    fn both(inputs: &[Tensor], tol: f32, f: impl Fn(&[Tensor]) -> Tensor) {
+        check(inputs, &f, |t| with_composed_ops(|| f(t)), tol);
+    }
+
+    #[test]
+    fn composed_ops_flag_is_scoped_to_the_call() {
+        let x = rand(&[2, 3], 1);
+        assert!(fused_ok(&[&x]));
+        with_composed_ops(|| assert!(!fused_ok(&[&x])));
+        assert!(fused_ok(&[&x]));
+        assert!(!fused_ok(&[&x.to_dtype(DType::BF16).unwrap()]));
+    }
+
+    #[test]
+    fn linear_rms_norm_and_gated_mlp_paths_agree() {
+        both(&[rand(&[2, 7, 19], 1), rand(&[23, 19], 2)], 1e-4, |t| {
+            Linear {
+                weight: t[1].clone(),
+                bias: None,
+            }
+            .forward(&t[0])
+            .unwrap()
+        });
+        both(&[rand(&[3, 5, 24], 3), rand(&[24], 4)], 1e-5, |t| {
+            RmsNorm {
+                weight: t[1].clone(),
+                eps: 1e-5,
+            }
+            .forward(&t[0])
+            .unwrap()
+        });
+        both(&[rand(&[4, 7, 10], 5), rand(&[4, 7, 10], 6)], 1e-5, |t| {
+            gated(&t[0], &t[1], Activation::Silu).unwrap()
+        });
+    }
+
+    #[test]
+    fn rotary_paths_agree_with_partial_rotation() {
+        let positions =
+            u32_tensor(&[vec![0, 1, 2, 5, 6], vec![3, 4, 4, 7, 9]], &Device::Cpu).unwrap();
+        let inv: Vec<f64> = (0..3)
+            .map(|i| 1.0 / 10000f64.powf(i as f64 / 3.0))
+            .collect();
+        both(&[rand(&[2, 3, 5, 8], 7)], 1e-5, |t| {
+            Rotary::new(&inv, &positions, DType::F32)
+                .unwrap()
+                .apply(&t[0])
+                .unwrap()
+        });
+    }
+
+    /// A packed row (query 0..4, responses 4..7 and 7..9) and a causal row with left padding of 2.
+    fn mask() -> Tensor {
+        let t = 9;
+        let mut m = vec![0u8; 2 * t * t];
+        for q in 0..t {
+            for k in 0..=q {
+                let resp = |i: usize| {
+                    if i < 4 {
+                        0
+                    } else if i < 7 {
+                        1
+                    } else {
+                        2
+                    }
+                };
+                m[q * t + k] = u8::from(resp(k) == 0 || resp(k) == resp(q));
+                m[(t + q) * t + k] = u8::from(q >= 2 && k >= 2);
+            }
+        }
+        Tensor::from_vec(m, (2, t, t), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn attention_paths_agree_in_f32_and_bf16() {
+        let mask = mask();
+        // Rows with no visible key (padding) differ by design between the paths; compare real rows only.
+        let real: Vec<f32> = (0..18)
+            .map(|r| f32::from(u8::from(!(9..11).contains(&r))))
+            .collect();
+        let keep = Tensor::from_vec(real, (2, 1, 9, 1), &Device::Cpu).unwrap();
+        let split = |x: &Tensor, h: usize| split_heads(x, h, 4).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let tol = if dtype == DType::F32 { 2e-5 } else { 2e-2 };
+            both(
+                &[
+                    rand(&[2, 9, 16], 8),
+                    rand(&[2, 9, 8], 9),
+                    rand(&[2, 9, 8], 10),
+                ],
+                tol,
+                |t| {
+                    let m = AttnMask::new(&mask).unwrap();
+                    let c = |x: &Tensor| x.to_dtype(dtype).unwrap();
+                    attention(
+                        &split(&c(&t[0]), 4),
+                        &split(&c(&t[1]), 2),
+                        &split(&c(&t[2]), 2),
+                        &m,
+                        0.5,
+                    )
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .broadcast_mul(&keep)
+                    .unwrap()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn label_logprob_paths_agree() {
+        let labels: Vec<u32> = (0..29).map(|i| (i * 11 % 97) as u32).collect();
+        both(&[(rand(&[29, 97], 11) * 3.0).unwrap()], 1e-5, |t| {
+            fused::label_logprobs(&t[0], &labels).unwrap()
+        });
+    }
 }

@@ -15,6 +15,7 @@ use crate::rng::Rng;
 
 use super::loss::{rrhf_loss, LossConfig};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::precision::Precision;
 
 /// Shape of the training benchmark.
 #[derive(Debug, Clone)]
@@ -25,6 +26,10 @@ pub struct TrainBench {
     pub query_len: usize,
     pub response_len: usize,
     pub iters: usize,
+    /// Compute dtype: bf16/f16 train as `rrhf train --dtype` does (f32 masters, see `super::precision`).
+    pub dtype: DType,
+    /// Layouts timed, one row each.
+    pub layouts: Vec<Layout>,
 }
 
 impl Default for TrainBench {
@@ -36,7 +41,47 @@ impl Default for TrainBench {
             query_len: 128,
             response_len: 64,
             iters: 3,
+            dtype: DType::F32,
+            layouts: vec![Layout::Packed, Layout::Padded],
         }
+    }
+}
+
+/// One layout's measurement of [`TrainBench::run_report`].
+#[derive(Debug, Clone)]
+pub struct TrainBenchResult {
+    pub layout: Layout,
+    /// Median seconds per optimizer step.
+    pub step_s: f64,
+    /// Tokens in the rows (padding included) and response tokens trained, per step.
+    pub row_tokens: usize,
+    pub response_tokens: usize,
+    /// Parameters that multiply every token (all but the embedding lookup).
+    pub compute_params: usize,
+    /// (query, key) pairs the attention masks let through, over all rows.
+    pub attention_pairs: u64,
+    pub layers: usize,
+    pub hidden: usize,
+}
+
+impl TrainBenchResult {
+    /// Model FLOPs of one step: 6·N per row token (forward 2N, backward 4N) plus attention, 12·hidden per visible
+    /// (query, key) pair and layer (QKᵀ and PV, 2·hidden each forward, ×3 with the backward).
+    pub fn model_flops(&self) -> f64 {
+        6.0 * self.compute_params as f64 * self.row_tokens as f64
+            + 12.0 * self.layers as f64 * self.hidden as f64 * self.attention_pairs as f64
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "layout": self.layout.to_string(), "step_s": self.step_s, "row_tokens": self.row_tokens,
+            "response_tokens": self.response_tokens,
+            "row_tokens_per_s": self.row_tokens as f64 / self.step_s,
+            "response_tokens_per_s": self.response_tokens as f64 / self.step_s,
+            "compute_params": self.compute_params, "attention_pairs": self.attention_pairs,
+            "model_flops_per_step": self.model_flops(),
+            "model_tflops_per_s": self.model_flops() / self.step_s / 1e12,
+        })
     }
 }
 
@@ -59,6 +104,25 @@ impl TrainBench {
 
     /// Median seconds per optimizer step for each layout; tokens/s counts response tokens trained.
     pub fn run(&self, device: &Device) -> Result<Vec<BenchRow>, ModelError> {
+        Ok(self
+            .run_report(device)?
+            .into_iter()
+            .map(|r| BenchRow {
+                what: format!("{} ({} tokens)", r.layout, r.row_tokens),
+                seconds: r.step_s,
+                tokens_per_s: r.response_tokens as f64 / r.step_s,
+            })
+            .collect())
+    }
+
+    /// The measurements behind [`TrainBench::run`], with what model FLOP/s need.
+    pub fn run_report(&self, device: &Device) -> Result<Vec<TrainBenchResult>, ModelError> {
+        if self.queries == 0 || self.k == 0 || self.query_len == 0 || self.response_len == 0 {
+            return Err(ModelError::Input(
+                "bench train: --queries, --k, --query-len and --response-len must be at least 1"
+                    .into(),
+            ));
+        }
         let cfg = self.model.config()?;
         let base = CausalLm::new(
             cfg.clone(),
@@ -67,11 +131,18 @@ impl TrainBench {
         let records = self.records();
         let refs: Vec<&TokenizedRecord> = records.iter().collect();
         let scores: Vec<Vec<f64>> = records.iter().map(|r| r.scores.clone()).collect();
-        let response_tokens = (self.queries * self.k * self.response_len) as f64;
-        let mut rows = Vec::new();
-        for layout in [Layout::Packed, Layout::Padded] {
-            let (model, vars) = base.trainable()?;
-            let mut opt = AdamW::new(vars, AdamWConfig::default())?;
+        let mut out = Vec::new();
+        for &layout in &self.layouts {
+            // As `rrhf train` does: the model computes in `dtype`, AdamW updates f32 masters.
+            let (model, precision) = Precision::new(&base, self.dtype, None)?;
+            let compute_params = precision
+                .masters()
+                .iter()
+                .filter(|(name, _)| !name.contains("embed_tokens"))
+                .map(|(_, v)| v.elem_count())
+                .sum::<usize>();
+            let vars = precision.compute_vars();
+            let mut opt = AdamW::new(precision.masters().to_vec(), AdamWConfig::default())?;
             let batch = build_batch(&refs, layout, 0, device)?;
             let mut step = || -> Result<(), ModelError> {
                 let lp = model.label_logprobs(&batch.input, &batch.labels)?;
@@ -83,11 +154,22 @@ impl TrainBench {
                     &LossConfig::default(),
                 )?;
                 let store = out.loss.backward()?;
-                let mut grads = opt.collect_grads(&store)?;
+                let grads = vars
+                    .iter()
+                    .map(|v| {
+                        store.get(v.as_tensor()).cloned().ok_or_else(|| {
+                            ModelError::Input("bench train: a parameter got no gradient".into())
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                drop(store);
+                let mut grads = precision.master_grads(grads)?;
                 clip_grad_norm(&mut grads, 1.0)?;
-                opt.step(&grads, 1e-5)
+                opt.step(&grads, 1e-5)?;
+                precision.sync()
             };
             step()?;
+            device.synchronize()?;
             let mut ts = Vec::new();
             for _ in 0..self.iters.max(1) {
                 let t0 = Instant::now();
@@ -96,14 +178,28 @@ impl TrainBench {
                 ts.push(t0.elapsed().as_secs_f64());
             }
             ts.sort_by(f64::total_cmp);
-            let s = ts[ts.len() / 2];
-            rows.push(BenchRow {
-                what: format!("{layout} ({} tokens)", batch.tokens),
-                seconds: s,
-                tokens_per_s: response_tokens / s,
+            let (b, t) = batch.input.dims();
+            let attention_pairs = batch
+                .input
+                .mask
+                .to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<u8>()?
+                .iter()
+                .map(|&m| u64::from(m != 0))
+                .sum();
+            out.push(TrainBenchResult {
+                layout,
+                step_s: ts[ts.len() / 2],
+                row_tokens: b * t,
+                response_tokens: batch.labels.len(),
+                compute_params,
+                attention_pairs,
+                layers: self.model.layers,
+                hidden: self.model.hidden,
             });
         }
-        Ok(rows)
+        Ok(out)
     }
 }
 

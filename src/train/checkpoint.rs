@@ -43,6 +43,17 @@ pub struct TrainerState {
     /// Absent in checkpoints of older versions, which are then resumed without this check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<BTreeMap<String, serde_json::Value>>,
+    /// f16 loss scaling where the run has it (the scale, the good steps towards its growth, overflow skips).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScalerState>,
+}
+
+/// Where f16 dynamic loss scaling stands (part of [`TrainerState`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScalerState {
+    pub scale: f64,
+    pub good_steps: u64,
+    pub overflow_skips: u64,
 }
 
 /// Name of the checkpoint directory of `step`.

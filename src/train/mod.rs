@@ -7,5 +7,6 @@ pub mod loss;
 pub mod optim;
 pub mod output;
 pub mod plot;
+pub mod precision;
 pub mod schedule;
 pub mod trainer;

@@ -26,12 +26,15 @@ use crate::model::save::{link_pretrained, save_pretrained};
 use crate::model::{load_model, CausalLm, ModelError, Weights};
 use crate::rng::Rng;
 
-use super::checkpoint::{load_checkpoint_state, save_checkpoint, CheckpointParts, TrainerState};
+use super::checkpoint::{
+    load_checkpoint_state, save_checkpoint, CheckpointParts, LossScalerState, TrainerState,
+};
 use super::log::{read_metrics, MetricsLog, Progress};
 use super::loss::{rrhf_loss, LossConfig, LossOutput, SftReduction};
 use super::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use super::output::{clear_previous_run, latest_checkpoint, previous_run};
 use super::plot::{plot_curves, Series};
+use super::precision::{stored_dtype, LossScaler, Precision, ScaleOutcome};
 use super::schedule::{lr_at, warmup_steps, ScheduleKind};
 use crate::model::recompute::grads_by_recompute;
 
@@ -110,9 +113,17 @@ pub struct TrainConfig {
     /// Keep at most N checkpoints (0: all).
     #[arg(long, default_value_t = 0)]
     pub save_total_limit: usize,
-    /// dtype of the final saved model (default: the training dtype); checkpoints keep the training dtype.
+    /// dtype of the final saved model (default: the dtype --model stores its weights in, else the training
+    /// dtype); checkpoints always hold the f32 master weights, so a resumed run continues exactly.
     #[arg(long)]
     pub save_dtype: Option<DTypeSpec>,
+    /// `--dtype f16`: initial loss scale (dynamic: halved on overflow, doubled after --loss-scale-window good
+    /// steps).
+    #[arg(long, default_value_t = 65536.0)]
+    pub loss_scale: f64,
+    /// `--dtype f16`: good steps in a row after which the loss scale doubles.
+    #[arg(long, default_value_t = 2000)]
+    pub loss_scale_window: u64,
     /// Continue from OUTPUT/checkpoint-N (same data and flags): the loss sequence equals an uninterrupted run.
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -348,6 +359,7 @@ pub(crate) fn run_fingerprint(
             json!(cfg.sft_reduction.to_string()),
         ),
         ("--data content".into(), json!(data)),
+        ("--dtype".into(), json!(cfg.model.dtype.to_string())),
     ])
 }
 
@@ -456,6 +468,7 @@ fn run_queries(
     device: &Device,
     mut grads: Option<(&[candle_core::Var], &mut Vec<Option<Tensor>>)>,
     poison: bool,
+    loss_scale: f64,
 ) -> Result<StepStats, TrainError> {
     let mut stats = StepStats::default();
     let total = records.len();
@@ -480,7 +493,7 @@ fn run_queries(
                 out.loss.clone()
             };
             let value = loss.to_scalar::<f32>()? as f64;
-            Ok(((loss * weight)?, (out, value)))
+            Ok(((loss * (weight * loss_scale))?, (out, value)))
         };
         let (out, loss_value) = match grads.as_mut() {
             Some((vars, acc)) if cfg.grad_checkpoint => {
@@ -541,11 +554,14 @@ pub(crate) enum StepOutcome {
         value: f64,
         blamed: std::ops::Range<usize>,
     },
+    /// f16 gradients overflowed under loss scaling: no update, and the scale was halved.
+    Overflow,
 }
 
 /// One optimizer step on `records`: the loss and its gradient accumulated over micro-batches, global-norm
-/// clipping, and the AdamW update at `lr` unless the loss or the gradient norm is NaN or infinite. `poison` (a
-/// test hook) makes the first micro-batch's loss NaN. Shared by `rrhf train` and `rrhf iterate --setting OP`.
+/// clipping, and the AdamW update at `lr` unless the loss or the gradient norm is NaN or infinite. With
+/// `precision` (mixed precision), the gradients of the compute copy update the f32 masters, which are then cast
+/// back. `poison` (a test hook) makes the first micro-batch's loss NaN. Shared by `rrhf train` and `rrhf iterate --setting OP`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn optimizer_step(
     model: &CausalLm,
@@ -557,8 +573,10 @@ pub(crate) fn optimizer_step(
     (vars, optimizer): (&[candle_core::Var], &mut AdamW),
     lr: f64,
     poison: bool,
+    mut precision: Option<&mut Precision>,
 ) -> Result<StepOutcome, TrainError> {
     let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let loss_scale = precision.as_ref().map_or(1.0, |p| p.loss_scale());
     let stats = run_queries(
         model,
         records,
@@ -568,6 +586,7 @@ pub(crate) fn optimizer_step(
         device,
         Some((vars, &mut acc)),
         poison,
+        loss_scale,
     )?;
     if let Some((range, loss)) = &stats.nonfinite {
         return Ok(StepOutcome::NonFinite {
@@ -584,16 +603,32 @@ pub(crate) fn optimizer_step(
             None => Tensor::zeros(v.shape(), v.dtype(), v.device())?,
         });
     }
+    if let Some(p) = precision.as_deref() {
+        grads = p.master_grads(grads)?;
+    }
     let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-    if !grad_norm.is_finite() {
-        return Ok(StepOutcome::NonFinite {
+    // Under f16 loss scaling an overflow is expected (the scale is probed upwards): skip and halve, not an
+    // error; a non-finite norm at the floor scale (or without scaling) is a real one.
+    let outcome = match precision.as_mut().and_then(|p| p.scaler.as_mut()) {
+        Some(s) => s.update(grad_norm),
+        None if grad_norm.is_finite() => ScaleOutcome::Step,
+        None => ScaleOutcome::NonFinite,
+    };
+    match outcome {
+        ScaleOutcome::Overflow => Ok(StepOutcome::Overflow),
+        ScaleOutcome::NonFinite => Ok(StepOutcome::NonFinite {
             what: "the gradient norm",
             value: grad_norm,
             blamed: 0..records.len(),
-        });
+        }),
+        ScaleOutcome::Step => {
+            optimizer.step(&grads, lr)?;
+            if let Some(p) = precision {
+                p.sync()?;
+            }
+            Ok(StepOutcome::Updated { stats, grad_norm })
+        }
     }
-    optimizer.step(&grads, lr)?;
-    Ok(StepOutcome::Updated { stats, grad_norm })
 }
 
 /// Runs `rrhf train`.
@@ -647,7 +682,8 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
     if let Some(config) = config_of(model_path) {
         check_max_len(cfg.records.max_len, &config, model_path)?;
     }
-    let loaded = load_model(model_path, &device, dtype)?;
+    // Loaded in f32: these are the master weights; Precision casts the copy the model computes with.
+    let loaded = load_model(model_path, &device, candle_core::DType::F32)?;
     // Again for GGUF files, whose config comes with the weights.
     check_max_len(cfg.records.max_len, &loaded.side.config, model_path)?;
     let data = tokenize_all(&cfg.data, read, &cfg.records, &loaded)?;
@@ -695,7 +731,10 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         serde_json::to_string_pretty(args_json).map_err(|e| TrainError::Config(e.to_string()))?;
     write_atomic(&cfg.output.join("args.json"), args_text.as_bytes())?;
 
-    let (model, vars) = loaded.model.trainable()?;
+    let scaler = LossScaler::new(cfg.loss_scale, cfg.loss_scale_window)
+        .map_err(|e| TrainError::Config(format!("--loss-scale / --loss-scale-window: {e}")))?;
+    let (model, mut precision) = Precision::new(&loaded.model, dtype, Some(scaler))?;
+    let vars = precision.masters().to_vec();
     let mut optimizer = AdamW::new(
         vars.clone(),
         AdamWConfig {
@@ -711,12 +750,19 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         optimizer.load_state(opt, state.optimizer_steps.unwrap_or(state.step))?;
         start_step = state.step;
         skipped_nonfinite = state.skipped_nonfinite;
+        if let (Some(s), Some(saved)) = (precision.scaler.as_mut(), &state.loss_scaler) {
+            (s.scale, s.good_steps) = (saved.scale, saved.good_steps);
+        }
     }
+    let mut overflow_skips = resume_state
+        .as_ref()
+        .and_then(|(s, _)| s.loss_scaler.as_ref())
+        .map_or(0, |s| s.overflow_skips);
     let mut metrics = MetricsLog::open(
         &cfg.output.join("metrics.jsonl"),
         resume_state.as_ref().map(|s| s.0.step),
     )?;
-    let var_list: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let var_list: Vec<candle_core::Var> = precision.compute_vars();
     let pad_id = loaded.tokenizer.pad_id;
     let progress = Progress::new(total_steps, start_step, cfg.log_every);
     progress.message(&format!(
@@ -748,7 +794,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         let picked: Vec<&TokenizedRecord> = picked_idx.iter().map(|&i| &data.records[i]).collect();
         let lr = lr_at(cfg.schedule, cfg.lr, step, warmup, total_steps);
         let done = step + 1;
-        let (stats, nonfinite, grad_norm) = match optimizer_step(
+        let (stats, nonfinite, grad_norm, overflow) = match optimizer_step(
             &model,
             &picked,
             cfg,
@@ -758,8 +804,9 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             (&var_list, &mut optimizer),
             lr,
             fault_nan_at(done),
+            Some(&mut precision),
         )? {
-            StepOutcome::Updated { stats, grad_norm } => (stats, None, grad_norm),
+            StepOutcome::Updated { stats, grad_norm } => (stats, None, grad_norm, false),
             // Which records to blame: the micro-batch whose loss was not finite, or every one of the step.
             StepOutcome::NonFinite {
                 what,
@@ -769,7 +816,9 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 StepStats::default(),
                 Some((what, value, &picked_idx[blamed])),
                 f64::NAN,
+                false,
             ),
+            StepOutcome::Overflow => (StepStats::default(), None, f64::NAN, true),
         };
         if let Some((what, value, blamed)) = nonfinite {
             let origins: Vec<String> = blamed.iter().map(|&i| data.origin(i)).collect();
@@ -804,12 +853,26 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 cfg.skip_nonfinite,
                 origins.join(", ")
             ));
+        } else if overflow {
+            overflow_skips += 1;
+            let scale = precision.loss_scale();
+            metrics.write(&json!({
+                "step": done,
+                "epoch": done as f64 / steps_per_epoch as f64,
+                "overflow": true,
+                "loss_scale": scale,
+                "overflow_skips": overflow_skips,
+                "lr": lr,
+            }))?;
+            progress.message(&format!(
+                "step {done}: f16 gradients overflowed; step skipped, loss scale now {scale}"
+            ));
         } else {
             let secs = t0.elapsed().as_secs_f64();
             tokens_done += stats.tokens;
             time_spent += secs;
             last_loss = stats.mean(stats.loss);
-            metrics.write(&json!({
+            let mut line = json!({
                 "step": done,
                 "epoch": done as f64 / steps_per_epoch as f64,
                 "loss": last_loss,
@@ -824,14 +887,21 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 "tokens": stats.tokens,
                 "tokens_per_s": stats.tokens as f64 / secs,
                 "step_s": secs,
-            }))?;
+            });
+            if let Some(s) = &precision.scaler {
+                line["loss_scale"] = json!(s.scale);
+                line["overflow_skips"] = json!(overflow_skips);
+            }
+            metrics.write(&line)?;
             progress.step(done, last_loss, stats.tokens as f64 / secs);
         }
         let is_last = done == total_steps;
         if let Some(ev) = &eval {
             if is_last || cfg.eval_every.is_some_and(|k| k > 0 && done % k == 0) {
                 let refs: Vec<&TokenizedRecord> = ev.records.iter().collect();
-                let s = run_queries(&model, &refs, cfg, &loss_cfg, pad_id, &device, None, false)?;
+                let s = run_queries(
+                    &model, &refs, cfg, &loss_cfg, pad_id, &device, None, false, 1.0,
+                )?;
                 metrics.write(&json!({
                     "step": done,
                     "eval_loss": s.mean(s.loss),
@@ -848,7 +918,8 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             }
         }
         if is_last || cfg.save_every.is_some_and(|k| k > 0 && done % k == 0) {
-            check_finite_weights(model.weights())?;
+            let masters = precision.master_weights(model.weights());
+            check_finite_weights(&masters)?;
             let state = TrainerState {
                 step: done,
                 total_steps,
@@ -860,11 +931,16 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 skipped_nonfinite,
                 optimizer_steps: Some(optimizer.steps()),
                 run: Some(run.clone()),
+                loss_scaler: precision.scaler.map(|s| LossScalerState {
+                    scale: s.scale,
+                    good_steps: s.good_steps,
+                    overflow_skips,
+                }),
             };
             let dir = save_checkpoint(
                 &cfg.output,
                 &CheckpointParts {
-                    weights: model.weights(),
+                    weights: &masters,
                     tokenizer: &loaded.tokenizer,
                     side: &loaded.side,
                     optimizer: optimizer.state_tensors()?,
@@ -881,15 +957,20 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         }
     }
     // The final model, in Hugging Face layout, at the top of the output directory. When the last checkpoint holds
-    // exactly these files (same dtype), they are linked rather than written a second time.
-    let save_dtype = cfg.save_dtype.map_or(dtype, DTypeSpec::dtype);
+    // exactly these files (the f32 masters), they are linked rather than written a second time.
+    let save_dtype = cfg
+        .save_dtype
+        .map(DTypeSpec::dtype)
+        .or_else(|| stored_dtype(&cfg.model.model))
+        .unwrap_or(dtype);
     match final_checkpoint {
-        Some(ck) if save_dtype == dtype => link_pretrained(&ck, &cfg.output)?,
+        Some(ck) if save_dtype == candle_core::DType::F32 => link_pretrained(&ck, &cfg.output)?,
         _ => {
-            check_finite_weights(model.weights())?;
+            let masters = precision.master_weights(model.weights());
+            check_finite_weights(&masters)?;
             save_pretrained(
                 &cfg.output,
-                model.weights(),
+                &masters,
                 &loaded.tokenizer,
                 &loaded.side,
                 Some(save_dtype),

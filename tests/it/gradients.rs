@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 use rrhf::model::{CausalLm, Input, Labels, Weights};
 
-use crate::common::{load, Cases, MODELS};
+use crate::common::{load, rel_err, Cases, MODELS};
 
 fn nll(model: &CausalLm, input: &Input, labels: &Labels) -> Tensor {
     let lp = model.label_logprobs(input, labels).unwrap();
@@ -88,6 +88,51 @@ fn gradients_match_finite_differences_in_f64() {
                     err <= 1e-6 + 1e-4 * ana[i].abs(),
                     "{name}: d loss / d {pname}[{i}]: finite difference {num:.9e}, backward {:.9e}",
                     ana[i]
+                );
+            }
+        }
+    }
+}
+
+/// The composed ops (the path CUDA and bf16/f16 take) give the fused CPU ops' log-probs and gradients, on every
+/// fixture model and input case (padding, custom masks, long positions), in f32.
+#[test]
+fn composed_path_equals_fused_path_with_gradients() {
+    use rrhf::model::layers::with_composed_ops;
+    for &name in MODELS {
+        let m = load(name, DType::F32);
+        let cases = Cases::load(name);
+        let (trainable, vars) = m.model.trainable().unwrap();
+        for case in &cases.names {
+            let input = cases.input(case);
+            let labels = Labels::from_table(&cases.labels(case));
+            let lp_fused = trainable.label_logprobs(&input, &labels).unwrap();
+            let lp_comp = with_composed_ops(|| trainable.label_logprobs(&input, &labels).unwrap());
+            let e = rel_err(&lp_comp, &lp_fused);
+            assert!(e <= 1e-5, "{name}/{case}: log-probs differ by {e:.2e}");
+            let g_fused = lp_fused
+                .mean_all()
+                .unwrap()
+                .neg()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_comp = lp_comp
+                .mean_all()
+                .unwrap()
+                .neg()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (pname, var) in &vars {
+                let (a, b) = (
+                    g_comp.get(var.as_tensor()).unwrap(),
+                    g_fused.get(var.as_tensor()).unwrap(),
+                );
+                let e = rel_err(a, b);
+                assert!(
+                    e <= 1e-4,
+                    "{name}/{case}: gradient of {pname} differs by {e:.2e}"
                 );
             }
         }

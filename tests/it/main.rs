@@ -10,6 +10,7 @@ mod gradients;
 mod iterate;
 mod loss;
 mod packing;
+mod precision;
 mod reference;
 mod reliability;
 mod sample;
