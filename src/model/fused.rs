@@ -208,15 +208,11 @@ macro_rules! multiversion {
         mod fast {
             use super::kernels;
             $(
-                // Row kernels take their slices and scalars one by one (attention's need a dozen).
-                #[allow(clippy::too_many_arguments)]
                 pub fn $name($($a: $t),*) -> $ret {
                     #[cfg(target_arch = "x86_64")]
                     {
-                        #[allow(clippy::too_many_arguments)]
                         #[target_feature(enable = "avx512f")]
                         unsafe fn v4($($a: $t),*) -> $ret { kernels::$name($($a),*) }
-                        #[allow(clippy::too_many_arguments)]
                         #[target_feature(enable = "avx2,fma")]
                         unsafe fn v3($($a: $t),*) -> $ret { kernels::$name($($a),*) }
                         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -234,8 +230,6 @@ macro_rules! multiversion {
         }
     };
 }
-
-pub(crate) use multiversion;
 
 multiversion! {
     max(row: &[f32]) -> f32;

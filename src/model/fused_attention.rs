@@ -3,8 +3,9 @@
 //! The composed path forms `[B, H, T, T]` scores and probabilities and keeps both for backward. On a prefix-shared
 //! packed row (the query, then k responses that each see the query and themselves) most of that square is masked:
 //! at k = 6 the response-to-other-response blocks are wasted work and memory, quadratic in the row length. Here
-//! each query row visits only the key spans its mask allows, keeps its output and the log-sum-exp of its scores, and
-//! backward recomputes the probabilities from those (the flash-attention recipe, row by row). Grouped-query heads
+//! each tile of query rows multiplies only against the key spans its rows may see (a few gemm calls per tile),
+//! keeps its output and the log-sum-exp of its scores, and backward recomputes the probabilities from those (the
+//! flash-attention recipe, on the CPU). Grouped-query heads
 //! read their shared key/value head in place, and q, k, v are read through their strides (no contiguous copies).
 //! Tests check values and gradients against the composed attention of `layers.rs`.
 
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use super::error::{ModelError, Result};
-use super::fused::{exp_approx, multiversion};
+use super::fused::exp_approx;
 
 /// The key spans each query position may attend to, per batch row: `[start, end)` intervals in key order.
 #[derive(Debug, Clone)]
@@ -108,120 +109,6 @@ impl<'a> View<'a> {
     }
 }
 
-/// Row kernels (see `fused.rs`'s `multiversion!`): dot products and updates of `head_dim` lanes.
-mod kernels {
-    use super::{exp_approx, View};
-
-    const L: usize = 16;
-
-    #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [0f32; L];
-        let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
-        let (ra, rb) = (ca.remainder(), cb.remainder());
-        for (x, y) in ca.zip(cb) {
-            for i in 0..L {
-                acc[i] += x[i] * y[i];
-            }
-        }
-        let mut s = acc.iter().sum::<f32>();
-        for (x, y) in ra.iter().zip(rb) {
-            s += x * y;
-        }
-        s
-    }
-
-    #[inline(always)]
-    fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-        for (yi, &xi) in y.iter_mut().zip(x) {
-            *yi += a * xi;
-        }
-    }
-
-    /// One query row of one head: `out = softmax(scale · q·Kᵀ) V` over `spans`; returns the log-sum-exp of the
-    /// scaled scores (+∞ when no key is visible: the row's output is 0 and its probabilities all 0).
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_row(
-        q: &[f32],
-        k: &View<'_>,
-        v: &View<'_>,
-        b: usize,
-        kvh: usize,
-        spans: &[(u32, u32)],
-        scale: f32,
-        scores: &mut Vec<f32>,
-        out: &mut [f32],
-    ) -> f32 {
-        scores.clear();
-        let mut m = f32::NEG_INFINITY;
-        for &(s, e) in spans {
-            for j in s as usize..e as usize {
-                let z = scale * dot(q, k.row(b, kvh, j));
-                m = m.max(z);
-                scores.push(z);
-            }
-        }
-        out.fill(0.0);
-        if scores.is_empty() {
-            return f32::INFINITY;
-        }
-        let mut total = 0f32;
-        let mut n = 0;
-        for &(s, e) in spans {
-            for j in s as usize..e as usize {
-                let p = exp_approx(scores[n] - m);
-                n += 1;
-                total += p;
-                axpy(p, v.row(b, kvh, j), out);
-            }
-        }
-        let inv = 1.0 / total;
-        for o in out.iter_mut() {
-            *o *= inv;
-        }
-        m + total.ln()
-    }
-
-    /// Backward of one query row of one head: adds to `dq` (this row), `dk`, `dv` (this head's `[Tk, D]`).
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward_row(
-        q: &[f32],
-        o: &[f32],
-        g: &[f32],
-        lse: f32,
-        k: &View<'_>,
-        v: &View<'_>,
-        b: usize,
-        kvh: usize,
-        spans: &[(u32, u32)],
-        scale: f32,
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-    ) {
-        let d = q.len();
-        let delta = dot(g, o);
-        for &(s, e) in spans {
-            for j in s as usize..e as usize {
-                let kj = k.row(b, kvh, j);
-                let p = exp_approx(scale * dot(q, kj) - lse);
-                let dp = dot(g, v.row(b, kvh, j));
-                let ds = scale * p * (dp - delta);
-                axpy(ds, kj, dq);
-                axpy(ds, q, &mut dk[j * d..(j + 1) * d]);
-                axpy(p, g, &mut dv[j * d..(j + 1) * d]);
-            }
-        }
-    }
-}
-
-multiversion! {
-    forward_row(q: &[f32], k: &super::View<'_>, v: &super::View<'_>, b: usize, kvh: usize, spans: &[(u32, u32)], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) -> f32;
-    backward_row(q: &[f32], o: &[f32], g: &[f32], lse: f32, k: &super::View<'_>, v: &super::View<'_>, b: usize, kvh: usize, spans: &[(u32, u32)], scale: f32, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) -> ();
-}
-
 /// Runs `f(task)` for every task over the available threads, each thread taking the next task as it finishes one.
 fn par_tasks<T: Send>(tasks: Vec<T>, f: impl Fn(T) + Sync) {
     let threads = candle_core::utils::get_num_threads().clamp(1, tasks.len().max(1));
@@ -241,6 +128,332 @@ fn par_tasks<T: Send>(tasks: Vec<T>, f: impl Fn(T) + Sync) {
             });
         }
     });
+}
+
+/// Query rows per tile: the tile's scores against the keys it may see are a few gemm calls.
+const TILE: usize = 32;
+
+/// `dst[m, n] (+)= alpha·dst + beta · lhs[m, k] · rhs[k, n]` through strides (row, column) of each operand, on
+/// the calling thread (the callers already run one task per thread).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: f32,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// The key spans a tile of query rows needs (the union of the rows' spans) and, per row, which columns of the
+/// tile's score matrix are visible.
+struct Tile {
+    /// `(key start, length, column offset)` of each union interval.
+    keys: Vec<(usize, usize, usize)>,
+    /// Columns of the score matrix (the union's total length).
+    cols: usize,
+}
+
+impl Tile {
+    fn new(spans: &KeySpans, rows: std::ops::Range<usize>) -> Self {
+        let mut all: Vec<(u32, u32)> = rows.flat_map(|r| spans.row(r).iter().copied()).collect();
+        all.sort_unstable();
+        let mut keys = Vec::new();
+        let mut cols = 0;
+        let mut cur: Option<(u32, u32)> = None;
+        for (a, b) in all {
+            match cur {
+                Some((ca, cb)) if a <= cb => cur = Some((ca, cb.max(b))),
+                _ => {
+                    if let Some((ca, cb)) = cur {
+                        keys.push((ca as usize, (cb - ca) as usize, cols));
+                        cols += (cb - ca) as usize;
+                    }
+                    cur = Some((a, b));
+                }
+            }
+        }
+        if let Some((ca, cb)) = cur {
+            keys.push((ca as usize, (cb - ca) as usize, cols));
+            cols += (cb - ca) as usize;
+        }
+        Self { keys, cols }
+    }
+
+    /// Sets the columns of `row` (one score row of this tile) that `spans` (the row's own) do not allow to −∞.
+    fn mask_row(&self, spans: &[(u32, u32)], row: &mut [f32]) {
+        for &(start, len, off) in &self.keys {
+            let mut j = start;
+            let end = start + len;
+            for &(a, b) in spans {
+                let (a, b) = (a as usize, b as usize);
+                if b <= j || a >= end {
+                    continue;
+                }
+                for x in &mut row[off + (j - start)..off + (a.max(j) - start)] {
+                    *x = f32::NEG_INFINITY;
+                }
+                j = b.min(end);
+            }
+            for x in &mut row[off + (j - start)..off + len] {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// Raw parts of a strided `[B, H, T, D]` view for gemm: the pointer to row `(b, h, t)` and the row stride.
+impl View<'_> {
+    fn ptr(&self, b: usize, h: usize, t: usize) -> *const f32 {
+        self.row(b, h, t).as_ptr()
+    }
+}
+
+/// Forward of one tile (rows `q0..q1` of head `hi` in batch row `bi`): writes `o` (`[rows, D]`) and `lse`.
+#[allow(clippy::too_many_arguments)]
+fn forward_tile(
+    q: &View<'_>,
+    k: &View<'_>,
+    v: &View<'_>,
+    spans: &KeySpans,
+    scale: f32,
+    (bi, hi, kvh): (usize, usize, usize),
+    (q0, q1): (usize, usize),
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
+    let (r0, rows, d) = (bi * spans.tq + q0, q1 - q0, q.d);
+    let tile = Tile::new(spans, r0..r0 + rows);
+    let cols = tile.cols;
+    scores.clear();
+    scores.resize(rows * cols, 0.0);
+    // SAFETY: every operand is addressed inside its buffer: q rows q0..q1 of (bi, hi), k/v rows of (bi, kvh) in
+    // the tile's intervals, scores rows × cols, o rows × d.
+    unsafe {
+        for &(start, len, off) in &tile.keys {
+            mm(
+                rows,
+                len,
+                d,
+                scores.as_mut_ptr().add(off),
+                cols,
+                false,
+                q.ptr(bi, hi, q0),
+                q.st,
+                1,
+                k.ptr(bi, kvh, start),
+                1,
+                k.st,
+                scale,
+            );
+        }
+    }
+    for (i, row) in scores.chunks_mut(cols.max(1)).take(rows).enumerate() {
+        tile.mask_row(spans.row(r0 + i), row);
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            lse[i] = f32::INFINITY;
+            continue;
+        }
+        let mut total = 0f32;
+        for x in row.iter_mut() {
+            *x = exp_approx(*x - m);
+            total += *x;
+        }
+        let inv = 1.0 / total;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+        lse[i] = m + total.ln();
+    }
+    o.fill(0.0);
+    // SAFETY: as above; o is rows × d.
+    unsafe {
+        for &(start, len, off) in &tile.keys {
+            mm(
+                rows,
+                d,
+                len,
+                o.as_mut_ptr(),
+                d,
+                true,
+                scores.as_ptr().add(off),
+                cols,
+                1,
+                v.ptr(bi, kvh, start),
+                v.st,
+                1,
+                1.0,
+            );
+        }
+    }
+}
+
+/// Backward of one tile: adds to `dq` (`[rows, D]`), `dk`, `dv` (this head's `[Tk, D]`).
+#[allow(clippy::too_many_arguments)]
+fn backward_tile(
+    (q, k, v, o, g): (&View<'_>, &View<'_>, &View<'_>, &View<'_>, &View<'_>),
+    spans: &KeySpans,
+    lse: &[f32],
+    scale: f32,
+    (bi, hi, kvh, h): (usize, usize, usize, usize),
+    (q0, q1): (usize, usize),
+    (p, dp): (&mut Vec<f32>, &mut Vec<f32>),
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (r0, rows, d) = (bi * spans.tq + q0, q1 - q0, q.d);
+    let tile = Tile::new(spans, r0..r0 + rows);
+    let cols = tile.cols;
+    p.clear();
+    p.resize(rows * cols, 0.0);
+    dp.clear();
+    dp.resize(rows * cols, 0.0);
+    // SAFETY: operands addressed inside their buffers, as in forward_tile; dk/dv are Tk × d.
+    unsafe {
+        for &(start, len, off) in &tile.keys {
+            mm(
+                rows,
+                len,
+                d,
+                p.as_mut_ptr().add(off),
+                cols,
+                false,
+                q.ptr(bi, hi, q0),
+                q.st,
+                1,
+                k.ptr(bi, kvh, start),
+                1,
+                k.st,
+                scale,
+            );
+            mm(
+                rows,
+                len,
+                d,
+                dp.as_mut_ptr().add(off),
+                cols,
+                false,
+                g.ptr(bi, hi, q0),
+                g.st,
+                1,
+                v.ptr(bi, kvh, start),
+                1,
+                v.st,
+                1.0,
+            );
+        }
+    }
+    for i in 0..rows {
+        let row = &mut p[i * cols..(i + 1) * cols];
+        tile.mask_row(spans.row(r0 + i), row);
+        let l = lse[(r0 + i) * h + hi];
+        let gi = g.row(bi, hi, q0 + i);
+        let delta: f32 = gi
+            .iter()
+            .zip(o.row(bi, hi, q0 + i))
+            .map(|(a, b)| a * b)
+            .sum();
+        let dprow = &mut dp[i * cols..(i + 1) * cols];
+        for (x, y) in row.iter_mut().zip(dprow.iter_mut()) {
+            let pv = if l.is_finite() {
+                exp_approx(*x - l)
+            } else {
+                0.0
+            };
+            *x = pv;
+            // dS (scaled), kept where dP was.
+            *y = scale * pv * (*y - delta);
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
+        for &(start, len, off) in &tile.keys {
+            // dQ += dS · K
+            mm(
+                rows,
+                d,
+                len,
+                dq.as_mut_ptr(),
+                d,
+                true,
+                dp.as_ptr().add(off),
+                cols,
+                1,
+                k.ptr(bi, kvh, start),
+                k.st,
+                1,
+                1.0,
+            );
+            // dK += dSᵀ · Q, dV += Pᵀ · dO
+            mm(
+                len,
+                d,
+                rows,
+                dk.as_mut_ptr().add(start * d),
+                d,
+                true,
+                dp.as_ptr().add(off),
+                1,
+                cols,
+                q.ptr(bi, hi, q0),
+                q.st,
+                1,
+                1.0,
+            );
+            mm(
+                len,
+                d,
+                rows,
+                dv.as_mut_ptr().add(start * d),
+                d,
+                true,
+                p.as_ptr().add(off),
+                1,
+                cols,
+                g.ptr(bi, hi, q0),
+                g.st,
+                1,
+                1.0,
+            );
+        }
+    }
 }
 
 /// The op: q `[B, H, Tq, D]`, k, v `[B, Hkv, Tk, D]` → output `[B, Tq, H, D]` (merged-heads order).
@@ -290,36 +503,44 @@ impl CustomOp3 for SpanAttention {
         let rows = b * tq;
         let mut out = vec![0f32; rows * h * d];
         let mut lse = vec![0f32; rows * h];
-        // Tasks: runs of query rows (all heads), about 8 per thread so uneven spans even out.
-        let per = rows
-            .div_ceil(8 * candle_core::utils::get_num_threads().max(1))
-            .max(1);
-        let tasks: Vec<_> = out
-            .chunks_mut(per * h * d)
-            .zip(lse.chunks_mut(per * h))
-            .enumerate()
+        // Tasks: one per (batch row, head, tile of query rows); results scattered into [B, Tq, H, D] after.
+        let tasks: Vec<(usize, usize, usize)> = (0..b)
+            .flat_map(|bi| {
+                (0..h).flat_map(move |hi| (0..tq).step_by(TILE).map(move |q0| (bi, hi, q0)))
+            })
             .collect();
-        par_tasks(tasks, |(ti, (o, l))| {
-            let mut scores = Vec::new();
-            for (i, (orow, lrow)) in o.chunks_mut(h * d).zip(l.chunks_mut(h)).enumerate() {
-                let r = ti * per + i;
-                let (bi, qi) = (r / tq, r % tq);
-                let spans = self.spans.row(r);
-                for (hi, (oh, lh)) in orow.chunks_mut(d).zip(lrow.iter_mut()).enumerate() {
-                    *lh = fast::forward_row(
-                        q.row(bi, hi, qi),
-                        &k,
-                        &v,
-                        bi,
-                        hi / rep,
-                        spans,
-                        self.scale,
-                        &mut scores,
-                        oh,
-                    );
-                }
+        let done = Mutex::new(Vec::with_capacity(tasks.len()));
+        par_tasks(tasks, |(bi, hi, q0)| {
+            let q1 = (q0 + TILE).min(tq);
+            let (mut scores, mut o, mut l) =
+                (Vec::new(), vec![0f32; (q1 - q0) * d], vec![0f32; q1 - q0]);
+            let coords = (bi, hi, hi / rep);
+            forward_tile(
+                &q,
+                &k,
+                &v,
+                &self.spans,
+                self.scale,
+                coords,
+                (q0, q1),
+                &mut scores,
+                &mut o,
+                &mut l,
+            );
+            if let Ok(mut done) = done.lock() {
+                done.push((bi, hi, q0, o, l));
             }
         });
+        let done = done
+            .into_inner()
+            .map_err(|_| candle_core::Error::Msg("fused attention: poisoned state".into()))?;
+        for (bi, hi, q0, o, l) in done {
+            for (i, (orow, lv)) in o.chunks(d).zip(l).enumerate() {
+                let r = bi * tq + q0 + i;
+                out[(r * h + hi) * d..(r * h + hi + 1) * d].copy_from_slice(orow);
+                lse[r * h + hi] = lv;
+            }
+        }
         *self
             .lse
             .lock()
@@ -366,20 +587,18 @@ impl CustomOp3 for SpanAttention {
             .collect();
         par_tasks(tasks, |(bh, ((dq, dk), dv))| {
             let (bi, hi) = (bh / h, bh % h);
-            for qi in 0..tq {
-                let r = bi * tq + qi;
-                fast::backward_row(
-                    q.row(bi, hi, qi),
-                    o.row(bi, hi, qi),
-                    g.row(bi, hi, qi),
-                    lse[r * h + hi],
-                    &k,
-                    &v,
-                    bi,
-                    hi / rep,
-                    self.spans.row(r),
+            let (mut p, mut dp) = (Vec::new(), Vec::new());
+            for q0 in (0..tq).step_by(TILE) {
+                let q1 = (q0 + TILE).min(tq);
+                backward_tile(
+                    (&q, &k, &v, &o, &g),
+                    &self.spans,
+                    &lse,
                     self.scale,
-                    &mut dq[qi * d..(qi + 1) * d],
+                    (bi, hi, hi / rep, h),
+                    (q0, q1),
+                    (&mut p, &mut dp),
+                    &mut dq[q0 * d..q1 * d],
                     dk,
                     dv,
                 );
