@@ -20,8 +20,8 @@ usage: bash tools/demo.sh [flags]
   --prompts N          train prompts (default 64; tiny: 6)
   --eval-n N           held-out eval prompts (default 64; tiny: 4)
   --k K                sampled continuations per train prompt, and the best-of-K reference (default 4; >= 2)
-  --epochs E           RRHF epochs over the train prompts (default 2)
-  --lr LR              learning rate (default 5e-5)
+  --epochs E           RRHF epochs over the train prompts (default 1)
+  --lr LR              learning rate (default 1e-4)
   --batch-queries B    queries per optimizer step (default 4)
   --max-new-tokens T   continuation length, at most (default 48, as the paper's Appendix C)
   --seed S             seed of the prompt split (default 2023)
@@ -35,7 +35,7 @@ environment: RRHF_BIN=path/to/rrhf skips `cargo build --release`; CARGO_TARGET_D
 EOF
 }
 
-TRAIN_N=64 EVAL_N=64 K=4 EPOCHS=2 MAX_LEN=160 LR=5e-5 BQ=4 MAX_NEW=48 SEED=2023 DEVICE=cpu
+TRAIN_N=64 EVAL_N=64 K=4 EPOCHS=1 MAX_LEN=160 LR=1e-4 BQ=4 MAX_NEW=48 SEED=2023 DEVICE=cpu
 TRAIN_FILE="" EVAL_FILE="" OUT=runs/demo TINY=0 ONLINE=0 SET_TRAIN_N=0 SET_EVAL_N=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -130,10 +130,10 @@ else
   PROMPT_DESC="$TRAIN_N train + $EVAL_N held-out movie-review prompts (first half of a snippet's words, seed $SEED)"
 fi
 STEPS_PER_EPOCH=$(( (TRAIN_N + BQ - 1) / BQ ))
-# Rates measured on the 2-core development machine (shared with other builds: pessimistic), SmolLM2-135M, f32:
-# sampling ~0.55 s per generated continuation of 48 tokens (batched), RRHF ~4 s per query with k = 4 responses per
-# pass (scaling with k), greedy eval ~0.5 s per prompt per model.
-EST_S=$(( 30 + TRAIN_N * K * 55 / 100 + TRAIN_N * EPOCHS * K + EVAL_N * K * 55 / 100 + EVAL_N + 30 ))
+# Rates measured on the 2-core development machine while other sessions' builds shared it (load ~10, so
+# pessimistic), SmolLM2-135M, f32, 48 new tokens: sampling ~0.75 s per continuation (batched), RRHF ~1.6 s per
+# response per epoch, greedy eval ~1.6 s per prompt per model (perplexity included).
+EST_S=$(( 10 + TRAIN_N * K * 75 / 100 + TRAIN_N * EPOCHS * K * 16 / 10 + EVAL_N * 2 * 16 / 10 + EVAL_N * K * 75 / 100 ))
 cat <<EOF
 rrhf demo — RRHF on $MODEL_DESC, VADER sentiment reward (positive movie-review continuations, Appendix C):
   prompts: $PROMPT_DESC
@@ -211,7 +211,7 @@ stage "score: VADER on each continuation (rrhf score)"
 stage "train: RRHF (rrhf train)"
 STEPS=$(( STEPS_PER_EPOCH * EPOCHS ))
 "$RRHF" train --model "$BASE" --data "$DATA/scored.jsonl" --output "$OUT/policy" \
-  --epochs "$EPOCHS" --lr "$LR" --batch-queries "$BQ" --grad-accum 1 --warmup-ratio 0 --max-len "$MAX_LEN" \
+  --epochs "$EPOCHS" --lr "$LR" --batch-queries "$BQ" --grad-accum 1 --warmup-ratio 0 --max-len "$MAX_LEN" --no-response-eos \
   --log-every $(( STEPS / 8 > 0 ? STEPS / 8 : 1 )) --device "$DEVICE"
 
 # --- 6. eval ------------------------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ import json, os, sys
 cfg = {"model": "$MODEL_DESC", "base": "$BASE", "prompts": "$PROMPT_DESC", "train_prompts": $TRAIN_N,
        "eval_prompts": $EVAL_N, "k": $K, "epochs": $EPOCHS, "lr": "$LR", "batch_queries": $BQ,
        "max_new_tokens": $MAX_NEW, "seed": $SEED, "device": "$DEVICE", "tiny": bool($TINY),
-       "own_prompts": bool("$TRAIN_FILE")}
+       "own_prompts": bool("$TRAIN_FILE"), "prebuilt": bool("${RRHF_BIN:-}")}
 tmp = sys.argv[1] + ".tmp"
 with open(tmp, "w") as f:
     json.dump(cfg, f, indent=1)

@@ -79,7 +79,9 @@ def main():
     L.append(f"- prompts: {cfg['prompts']}")
     L.append(f"- training data: {k} top-k (k = 50, temperature 1) samples of at most {cfg['max_new_tokens']} new tokens "
              f"per train prompt from the initial model, scored by VADER; RRHF {cfg['epochs']} epoch(s), "
-             f"{cfg['batch_queries']} prompts per step, lr {cfg['lr']}, device {cfg['device']}")
+             f"{cfg['batch_queries']} prompts per step, lr {cfg['lr']}, no warm-up, no EOS appended to the "
+             f"continuations (most are cut at the token budget: an EOS would teach the model to stop there), "
+             f"device {cfg['device']}")
     L.append(f"- evaluation (`rrhf eval`, [eval/report.md](eval/report.md)): greedy continuation of each held-out "
              f"prompt; perplexity of it under the initial model, given the prompt; best-of-{k} = mean over "
              f"held-out prompts of the best VADER score of {k} samples of the initial model (the paper's "
@@ -161,8 +163,13 @@ def main():
     L.append(f"| **total** (build excluded) | {total} |")
     build = dict(timings).get("build")
     L.append("")
-    L.append(f"`cargo build --release` took {build} s in this run (a cold build is several minutes). Timings on a "
-             "shared machine are pessimistic: other builds and benchmarks ran on the same cores.\n")
+    if cfg.get("prebuilt"):
+        b = "The binary was given (RRHF_BIN): no build in this run."
+    else:
+        b = (f"`cargo build --release`: {build} s in this run (an up-to-date binary takes a second or two; a "
+             "cold build of rrhf and its dependencies takes several minutes on 2 cores).")
+    L.append(b + " Timings on a shared machine are pessimistic: other sessions' builds and benchmarks ran on the "
+             "same cores.\n")
 
     path = os.path.join(out, "report.md")
     tmp = path + ".tmp"

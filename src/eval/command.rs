@@ -641,6 +641,7 @@ fn eval_model(
                         .max_positions()
                         .map_or(cfg.max_len, |p| cfg.max_len.min(p)),
                     max_query_len: None,
+                    no_response_eos: false,
                 },
                 length_penalty: cfg.length_penalty,
                 batch_queries: 8,

@@ -321,7 +321,7 @@ fn run_fingerprint(
     max_query_len: usize,
     data: String,
 ) -> BTreeMap<String, Value> {
-    BTreeMap::from([
+    let mut run = BTreeMap::from([
         ("--batch-queries".into(), json!(cfg.batch_queries)),
         ("--grad-accum".into(), json!(cfg.grad_accum)),
         ("--max-len".into(), json!(cfg.records.max_len)),
@@ -339,7 +339,12 @@ fn run_fingerprint(
             json!(cfg.sft_reduction.to_string()),
         ),
         ("--data content".into(), json!(data)),
-    ])
+    ]);
+    // Only when set, so that checkpoints written before the flag existed still resume.
+    if cfg.records.no_response_eos {
+        run.insert("--no-response-eos".into(), json!(true));
+    }
+    run
 }
 
 /// Refuses to resume with a flag (or data) other than the checkpoint's run used, naming it and both values.

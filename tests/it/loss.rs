@@ -177,3 +177,24 @@ fn loss_matches_pytorch_reference() {
         }
     }
 }
+
+#[test]
+fn no_response_eos_leaves_responses_as_generated() {
+    let m = load("llama", DType::F32);
+    let rec = Record {
+        query: "Hello".into(),
+        responses: vec![" world".into(), " there, friend".into()],
+        scores: Some(vec![1.0, 0.0]),
+        sources: None,
+    };
+    let mut opts = TokenizeOptions::new(64, None).unwrap();
+    let with = tokenize_record(&m.tokenizer, &rec, &opts).unwrap();
+    opts.response_eos = false;
+    let without = tokenize_record(&m.tokenizer, &rec, &opts).unwrap();
+    assert_eq!(with.query, without.query);
+    for (w, o) in with.responses.iter().zip(&without.responses) {
+        assert_eq!(w.last(), Some(&m.tokenizer.eos_id));
+        assert_eq!(&w[..w.len() - 1], &o[..]);
+        assert_ne!(o.last(), Some(&m.tokenizer.eos_id));
+    }
+}
