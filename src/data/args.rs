@@ -24,7 +24,7 @@ pub struct RecordArgs {
     #[arg(long)]
     pub max_query_len: Option<usize>,
     /// Do not end responses with EOS: for continuations cut at a token budget (`rrhf sample --max-new-tokens`),
-    /// where an appended EOS would teach the model to stop there.
+    /// where an appended EOS would teach the model to stop there (an empty response keeps its EOS).
     #[arg(long)]
     pub no_response_eos: bool,
 }

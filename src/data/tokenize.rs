@@ -13,7 +13,8 @@ pub struct TokenizeOptions {
     /// Tokens of the query, at most (left-truncated beyond).
     pub max_query_len: usize,
     /// Whether each response ends in EOS (the default). Off for continuations cut at a token budget (`rrhf
-    /// sample --max-new-tokens`), where an appended EOS would teach the model to stop there.
+    /// sample --max-new-tokens`), where an appended EOS would teach the model to stop there; an empty response
+    /// keeps its EOS even then.
     pub response_eos: bool,
 }
 
@@ -92,7 +93,8 @@ pub fn tokenize_record(
     let mut responses_truncated = 0;
     for r in &rec.responses {
         let mut ids = tok.encode(r, false)?;
-        if opts.response_eos {
+        // An empty response is the model stopping at once: it keeps its EOS (and has a token to score).
+        if opts.response_eos || ids.is_empty() {
             ids.push(tok.eos_id);
         }
         if ids.len() > budget {
