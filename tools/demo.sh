@@ -92,7 +92,7 @@ if [ -n "${RRHF_BIN:-}" ]; then
 else
   FEATURES=()
   case "$DEVICE" in cuda*) FEATURES=(--features cuda) ;; esac
-  echo "== building rrhf (cargo build --release ${FEATURES[*]}; a cold build takes about 5-6 minutes on 2 cores)"
+  echo "== building rrhf (cargo build --release ${FEATURES[*]}: seconds when up to date; the first build compiles rrhf and its dependencies, several minutes on 2 cores)"
   cargo build --release --quiet "${FEATURES[@]}"
   RRHF="${CARGO_TARGET_DIR:-target}/release/rrhf"
 fi
@@ -130,22 +130,22 @@ else
   PROMPT_DESC="$TRAIN_N train + $EVAL_N held-out movie-review prompts (first half of a snippet's words, seed $SEED)"
 fi
 STEPS_PER_EPOCH=$(( (TRAIN_N + BQ - 1) / BQ ))
-# Rates measured on the 2-core development machine while other sessions' builds shared it (load ~10, so
-# pessimistic), SmolLM2-135M, f32, 48 new tokens: sampling ~0.75 s per continuation (batched), RRHF ~1.6 s per
-# response per epoch, greedy eval ~1.6 s per prompt per model (perplexity included).
-EST_S=$(( 10 + TRAIN_N * K * 75 / 100 + TRAIN_N * EPOCHS * K * 16 / 10 + EVAL_N * 2 * 16 / 10 + EVAL_N * K * 75 / 100 ))
+# Rates measured on the 2-core development machine with other sessions' work on it (load average 4-5), SmolLM2-135M,
+# f32, 48 new tokens: sampling ~0.55 s per continuation (batched), RRHF ~0.8 s per response per epoch, eval ~1.2 s per
+# greedy continuation per model (perplexity included) + ~0.55 s per best-of sample. Under a load of ~10: ~1.6x.
+EST_S=$(( 10 + TRAIN_N * K * 55 / 100 + TRAIN_N * EPOCHS * K * 8 / 10 + EVAL_N * 2 * 12 / 10 + EVAL_N * K * 55 / 100 ))
 cat <<EOF
 rrhf demo — RRHF on $MODEL_DESC, VADER sentiment reward (positive movie-review continuations, Appendix C):
   prompts: $PROMPT_DESC
   1. sample $K top-k (k=50) continuations of up to $MAX_NEW tokens per train prompt       (rrhf sample)
   2. score each continuation with VADER's compound score in [-1, 1]                   (rrhf score)
-  3. train RRHF: $EPOCHS epochs, $STEPS_PER_EPOCH steps/epoch of $BQ prompts, lr $LR                      (rrhf train)
+  3. train RRHF: $EPOCHS epoch(s), $STEPS_PER_EPOCH steps/epoch of $BQ prompts, lr $LR                      (rrhf train)
   4. evaluate the initial and the trained model on the held-out prompts: greedy reward ± s.e., perplexity under
      the initial model, and the initial model's best-of-$K as the reference line                 (rrhf eval)
   5. write $OUT/report.md
 EOF
 if [ "$TINY" = 0 ] && [ "$DEVICE" = cpu ]; then
-  echo "expected: about $(( (EST_S + 59) / 60 )) minutes on 2 CPU cores (measured while other work shared them; less on an idle machine)"
+  echo "expected: about $(( (EST_S + 59) / 60 )) minutes on 2 CPU cores (rates measured with other work sharing them: less on an idle machine, up to 1.6x more on a busier one)"
 fi
 
 # --- 1. fetch (once) ----------------------------------------------------------------------------------------------

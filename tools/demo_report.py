@@ -137,10 +137,18 @@ def main():
              "[eval/eval.png](eval/eval.png)\n")
     L.append("![loss](policy/loss.png)\n\n![reward](eval/eval.png)\n")
     if metrics:
-        first, last = metrics[0], metrics[-1]
-        L.append(f"Training: {len(metrics)} logged steps; loss {fmt(first.get('loss'))} → {fmt(last.get('loss'))}, "
-                 f"ranking accuracy {fmt(first.get('rank_acc'), 2)} → {fmt(last.get('rank_acc'), 2)} (per-step values, "
-                 f"noisy with {cfg['batch_queries']} prompts per step).\n")
+        q = max(1, len(metrics) // 4)
+
+        def avg(rows, key):
+            xs = [r[key] for r in rows if r.get(key) is not None]
+            return sum(xs) / len(xs) if xs else None
+
+        head, tail = metrics[:q], metrics[-q:]
+        L.append(f"Training: {len(metrics)} steps; mean over the first / last {q} step(s) (per-step values are noisy "
+                 f"with {cfg['batch_queries']} prompts per step): loss {fmt(avg(head, 'loss'))} → "
+                 f"{fmt(avg(tail, 'loss'))}, SFT loss {fmt(avg(head, 'sft_loss'))} → {fmt(avg(tail, 'sft_loss'))}, "
+                 f"ranking accuracy {fmt(avg(head, 'rank_acc'), 2)} → {fmt(avg(tail, 'rank_acc'), 2)}. The losses "
+                 f"are on fresh prompts at every step of the first epoch.\n")
 
     L.append(f"## Held-out continuations, before / after (the first {a.examples} held-out prompts, not picked)\n")
     L.append("| Prompt | Initial model | VADER | Trained model | VADER |")
