@@ -437,7 +437,6 @@ pub fn eval(cfg: &EvalConfig) -> Result<EvalSummary, EvalError> {
             &reward,
             evaluator.as_ref(),
             &scratch.0.join(format!("model-{}", i + 1)),
-            cfg.best_of.filter(|_| i == 0 || !cfg.best_of_first_only),
         )?;
         models.push(row);
         generations.extend(lines);
@@ -553,7 +552,6 @@ fn eval_model(
     reward: &RewardFn,
     evaluator: Option<&LoadedModel>,
     scratch: &Path,
-    best_of: Option<usize>,
 ) -> Result<(ModelReport, Vec<GenerationLine>), EvalError> {
     let sample_err = |e: SampleError| EvalError::Sample {
         model: path.to_path_buf(),
@@ -605,6 +603,9 @@ fn eval_model(
         len_sum += m.tokenizer.encode(&r.responses[0], false)?.len();
     }
 
+    // --best-of-first-only: the other models get greedy generations only.
+    let first = cfg.models.first().is_some_and(|m| m == path);
+    let best_of = cfg.best_of.filter(|_| first || !cfg.best_of_first_only);
     let best_of_n = match best_of {
         Some(n) => {
             let best_path = scratch.with_extension("best-of.jsonl");
