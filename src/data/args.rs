@@ -23,6 +23,10 @@ pub struct RecordArgs {
     /// Tokens of the query, at most (default max(max_len − 64, max_len / 2)); longer queries keep their end.
     #[arg(long)]
     pub max_query_len: Option<usize>,
+    /// Do not end responses with EOS: for continuations cut at a token budget (`rrhf sample --max-new-tokens`),
+    /// where an appended EOS would teach the model to stop there (an empty response keeps its EOS).
+    #[arg(long)]
+    pub no_response_eos: bool,
 }
 
 impl RecordArgs {
@@ -38,6 +42,8 @@ impl RecordArgs {
 
     /// Tokenisation limits (an error message for inconsistent lengths).
     pub fn tokenize_options(&self) -> Result<TokenizeOptions, String> {
-        TokenizeOptions::new(self.max_len, self.max_query_len)
+        let mut opts = TokenizeOptions::new(self.max_len, self.max_query_len)?;
+        opts.response_eos = !self.no_response_eos;
+        Ok(opts)
     }
 }

@@ -12,6 +12,10 @@ pub struct TokenizeOptions {
     pub max_len: usize,
     /// Tokens of the query, at most (left-truncated beyond).
     pub max_query_len: usize,
+    /// Whether each response ends in EOS (the default). Off for continuations cut at a token budget (`rrhf
+    /// sample --max-new-tokens`), where an appended EOS would teach the model to stop there; an empty response
+    /// keeps its EOS even then.
+    pub response_eos: bool,
 }
 
 impl TokenizeOptions {
@@ -30,6 +34,7 @@ impl TokenizeOptions {
         Ok(Self {
             max_len,
             max_query_len: mql,
+            response_eos: true,
         })
     }
 }
@@ -39,7 +44,7 @@ impl TokenizeOptions {
 pub struct TokenizedRecord {
     /// Query ids (BOS first where the tokenizer adds one).
     pub query: Vec<u32>,
-    /// Response ids, each ending in EOS unless it was cut.
+    /// Response ids, each ending in EOS unless it was cut (or `response_eos` is off).
     pub responses: Vec<Vec<u32>>,
     /// One reward per response (empty when the record is unscored).
     pub scores: Vec<f64>,
@@ -88,7 +93,10 @@ pub fn tokenize_record(
     let mut responses_truncated = 0;
     for r in &rec.responses {
         let mut ids = tok.encode(r, false)?;
-        ids.push(tok.eos_id);
+        // An empty response is the model stopping at once: it keeps its EOS (and has a token to score).
+        if opts.response_eos || ids.is_empty() {
+            ids.push(tok.eos_id);
+        }
         if ids.len() > budget {
             ids.truncate(budget);
             responses_truncated += 1;

@@ -88,6 +88,10 @@ pub struct EvalConfig {
     /// Best-of-n: sample N responses per prompt and average the best reward (the paper's Best-of-n row).
     #[arg(long)]
     pub best_of: Option<usize>,
+    /// Best-of-n for the first --model only (the reference line of the initial policy); the other models get
+    /// greedy generations only, which saves their n samples per prompt.
+    #[arg(long)]
+    pub best_of_first_only: bool,
     /// Sampling temperature of --best-of.
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
@@ -202,6 +206,9 @@ fn check_flags(cfg: &EvalConfig) -> Result<(), EvalError> {
             "--reward labels keeps scores that are in the data; generations have none: use model:DIR, \
              judge:URL, vader or policy:DIR",
         ));
+    }
+    if cfg.best_of_first_only && cfg.best_of.is_none() {
+        return Err(config_err("--best-of-first-only needs --best-of N"));
     }
     if let Some(n) = cfg.best_of {
         if n == 0 {
@@ -509,11 +516,12 @@ fn header(
     if let Some(n) = cfg.best_of {
         h.push(format!(
             "Best-of-{n}: the best reward of {n} samples per prompt (temperature {}, top-k {}, top-p {}, seed {}), \
-             averaged",
+             averaged{}",
             cfg.temperature,
             if cfg.top_k == 0 { "off".to_string() } else { cfg.top_k.to_string() },
             cfg.top_p,
-            cfg.seed
+            cfg.seed,
+            if cfg.best_of_first_only && cfg.models.len() > 1 { "; first model only" } else { "" }
         ));
     }
     h.push("Gen. len.: mean length of the greedy generations in the model's own tokens".into());
@@ -595,7 +603,10 @@ fn eval_model(
         len_sum += m.tokenizer.encode(&r.responses[0], false)?.len();
     }
 
-    let best_of_n = match cfg.best_of {
+    // --best-of-first-only: the other models get greedy generations only.
+    let first = cfg.models.first().is_some_and(|m| m == path);
+    let best_of = cfg.best_of.filter(|_| first || !cfg.best_of_first_only);
+    let best_of_n = match best_of {
         Some(n) => {
             let best_path = scratch.with_extension("best-of.jsonl");
             sample_with_model(&sample_config(cfg, path, best_path.clone(), Some(n)), m)
@@ -631,6 +642,7 @@ fn eval_model(
                         .max_positions()
                         .map_or(cfg.max_len, |p| cfg.max_len.min(p)),
                     max_query_len: None,
+                    no_response_eos: false,
                 },
                 length_penalty: cfg.length_penalty,
                 batch_queries: 8,

@@ -341,7 +341,7 @@ pub(crate) fn run_fingerprint(
     max_query_len: usize,
     data: String,
 ) -> BTreeMap<String, Value> {
-    BTreeMap::from([
+    let mut run = BTreeMap::from([
         ("--batch-queries".into(), json!(cfg.batch_queries)),
         ("--grad-accum".into(), json!(cfg.grad_accum)),
         ("--max-len".into(), json!(cfg.records.max_len)),
@@ -360,7 +360,12 @@ pub(crate) fn run_fingerprint(
         ),
         ("--data content".into(), json!(data)),
         ("--dtype".into(), json!(cfg.model.dtype.to_string())),
-    ])
+    ]);
+    // Only when set, so that checkpoints written before the flag existed still resume.
+    if cfg.records.no_response_eos {
+        run.insert("--no-response-eos".into(), json!(true));
+    }
+    run
 }
 
 /// Refuses to resume with a flag (or data) other than the checkpoint's run used, naming it and both values.

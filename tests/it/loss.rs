@@ -177,3 +177,26 @@ fn loss_matches_pytorch_reference() {
         }
     }
 }
+
+#[test]
+fn no_response_eos_leaves_responses_as_generated() {
+    let m = load("llama", DType::F32);
+    let rec = Record {
+        query: "Hello".into(),
+        responses: vec![" world".into(), " there, friend".into(), "".into()],
+        scores: Some(vec![1.0, 0.0, 0.5]),
+        sources: None,
+    };
+    let mut opts = TokenizeOptions::new(64, None).unwrap();
+    let with = tokenize_record(&m.tokenizer, &rec, &opts).unwrap();
+    opts.response_eos = false;
+    let without = tokenize_record(&m.tokenizer, &rec, &opts).unwrap();
+    assert_eq!(with.query, without.query);
+    // The empty response keeps its EOS: the model stopping at once, and a token for p_i.
+    assert_eq!(without.responses[2], vec![m.tokenizer.eos_id]);
+    for (w, o) in with.responses.iter().zip(&without.responses).take(2) {
+        assert_eq!(w.last(), Some(&m.tokenizer.eos_id));
+        assert_eq!(&w[..w.len() - 1], &o[..]);
+        assert_ne!(o.last(), Some(&m.tokenizer.eos_id));
+    }
+}

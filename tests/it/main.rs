@@ -3,6 +3,7 @@
 mod client;
 mod common;
 mod data;
+mod demo;
 mod errors;
 mod eval;
 mod generate;
