@@ -160,23 +160,24 @@ pub enum EvalError {
     /// A model that cannot be loaded or run.
     #[error(transparent)]
     Model(#[from] ModelError),
+    // The cause is part of the message, not a `source` (which would print it a second time in the chain).
     /// The reward could not be loaded, or failed while scoring.
-    #[error("--reward {spec}: {source}")]
+    #[error("--reward {spec}: {cause}")]
     Reward {
         spec: String,
-        source: Box<ScoreError>,
+        cause: Box<ScoreError>,
     },
     /// Generating with a model failed.
-    #[error("{model}: {source}")]
+    #[error("{model}: {cause}")]
     Sample {
         model: PathBuf,
-        source: Box<SampleError>,
+        cause: Box<SampleError>,
     },
     /// Ranking `--pairs` with a model failed.
-    #[error("{model}: --pairs: {source}")]
+    #[error("{model}: --pairs: {cause}")]
     Rank {
         model: PathBuf,
-        source: Box<TrainError>,
+        cause: Box<TrainError>,
     },
     /// Flags that do not fit together, or input that cannot be used.
     #[error("{0}")]
@@ -405,7 +406,7 @@ pub fn eval(cfg: &EvalConfig) -> Result<EvalSummary, EvalError> {
 
     let reward = RewardFn::load(&score_config(cfg)).map_err(|source| EvalError::Reward {
         spec: cfg.reward.to_string(),
-        source: Box::new(source),
+        cause: Box::new(source),
     })?;
     let device = cfg.device.open()?;
     let evaluator = cfg
@@ -538,7 +539,7 @@ fn rewards(
     let refs: Vec<&Record> = records.iter().collect();
     let scored = reward.score(&refs).map_err(|source| EvalError::Reward {
         spec: spec.to_string(),
-        source: Box::new(source),
+        cause: Box::new(source),
     })?;
     Ok(scored.into_iter().map(Result::ok).collect())
 }
@@ -555,7 +556,7 @@ fn eval_model(
 ) -> Result<(ModelReport, Vec<GenerationLine>), EvalError> {
     let sample_err = |e: SampleError| EvalError::Sample {
         model: path.to_path_buf(),
-        source: Box::new(e),
+        cause: Box::new(e),
     };
     let greedy_path = scratch.with_extension("greedy.jsonl");
     sample_with_model(&sample_config(cfg, path, greedy_path.clone(), None), m)
@@ -651,7 +652,7 @@ fn eval_model(
             Some(
                 rank_with_model(&rc, m, device).map_err(|source| EvalError::Rank {
                     model: path.to_path_buf(),
-                    source: Box::new(source),
+                    cause: Box::new(source),
                 })?,
             )
         }
