@@ -24,9 +24,10 @@ use crate::sample::command::{
     resolve_stops, sample_with_model, SampleConfig, SampleError, StrategyKind,
 };
 use crate::sample::prompts::read_prompts;
+use crate::score::args::RewardArgs;
 use crate::score::command::RewardFn;
 use crate::score::stats::reward_stats;
-use crate::score::{RewardSpec, ScoreConfig, ScoreError, ScoreOn};
+use crate::score::{RewardSpec, ScoreConfig, ScoreError};
 use crate::train::trainer::TrainError;
 
 use super::perplexity::{response_nlls, summarize, PplContext, ResponseNll};
@@ -107,36 +108,10 @@ pub struct EvalConfig {
     /// A scored training file (RRHF records): its reward statistics as in Table 6, per source.
     #[arg(long)]
     pub train_data: Option<PathBuf>,
-    /// Text a model: or vader reward sees: response or full (query + response); as `rrhf score`.
-    #[arg(long)]
-    pub score_on: Option<ScoreOn>,
-    /// Classifier label whose probability is the reward (model: classifiers).
-    #[arg(long)]
-    pub label: Option<String>,
-    /// config.json of the reward model (checkpoints without one).
-    #[arg(long)]
-    pub rm_config: Option<PathBuf>,
-    /// tokenizer.json of the reward model.
-    #[arg(long)]
-    pub rm_tokenizer: Option<PathBuf>,
-    /// Longest reward-model input in tokens.
-    #[arg(long)]
-    pub rm_max_len: Option<usize>,
-    /// Text between query and response for the reward model.
-    #[arg(long)]
-    pub rm_separator: Option<String>,
-    /// Append EOS to the reward-model input.
-    #[arg(long)]
-    pub rm_append_eos: bool,
-    /// Sequences per reward-model forward.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Model name sent to a judge: endpoint.
-    #[arg(long)]
-    pub judge_model: Option<String>,
-    /// Environment variable holding the judge's API key.
-    #[arg(long)]
-    pub api_key_env: Option<String>,
+    /// The reward flags of `rrhf score` (--score-on, --label, --rm-*, --batch-size, --judge-model, --api-key-env).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub reward_args: RewardArgs,
     /// Tokens of query + response for p_i (--pairs and a policy: reward), as `rrhf rank`.
     #[arg(long, default_value_t = 192)]
     pub max_len: usize,
@@ -254,16 +229,7 @@ fn score_config(cfg: &EvalConfig) -> ScoreConfig {
     );
     s.device = cfg.device;
     s.dtype = cfg.dtype;
-    s.batch_size = cfg.batch_size;
-    s.score_on = cfg.score_on;
-    s.label = cfg.label.clone();
-    s.rm_config = cfg.rm_config.clone();
-    s.rm_tokenizer = cfg.rm_tokenizer.clone();
-    s.rm_max_len = cfg.rm_max_len;
-    s.rm_separator = cfg.rm_separator.clone();
-    s.rm_append_eos = cfg.rm_append_eos;
-    s.judge_model = cfg.judge_model.clone();
-    s.api_key_env = cfg.api_key_env.clone();
+    cfg.reward_args.apply(&mut s);
     s.max_len = cfg.max_len;
     s.length_penalty = cfg.length_penalty;
     s

@@ -11,7 +11,7 @@ use crate::eval::command::EvalConfig;
 use crate::eval::perplexity::PplContext;
 use crate::model::load::ModelArgs;
 use crate::sample::command::{EarlyStop, SampleConfig, Setting, StrategyKind};
-use crate::score::{ScoreConfig, ScoreOn};
+use crate::score::ScoreConfig;
 use crate::train::loss::SftReduction;
 use crate::train::schedule::ScheduleKind;
 use crate::train::trainer::TrainConfig;
@@ -70,41 +70,6 @@ pub struct SamplingArgs {
     /// Prompts per generation batch.
     #[arg(long, default_value_t = 8)]
     pub batch_prompts: usize,
-}
-
-/// How a response is scored (the reward flags of `rrhf score`).
-#[derive(Debug, Clone, clap::Args, Serialize)]
-pub struct RewardArgs {
-    /// Text a model: or vader reward sees: response or full (query + response).
-    #[arg(long)]
-    pub score_on: Option<ScoreOn>,
-    /// Classifier label whose probability is the reward (model: classifiers).
-    #[arg(long)]
-    pub label: Option<String>,
-    /// config.json of the reward model (checkpoints without one).
-    #[arg(long)]
-    pub rm_config: Option<PathBuf>,
-    /// tokenizer.json of the reward model.
-    #[arg(long)]
-    pub rm_tokenizer: Option<PathBuf>,
-    /// Longest reward-model input in tokens.
-    #[arg(long)]
-    pub rm_max_len: Option<usize>,
-    /// Text between query and response for the reward model.
-    #[arg(long)]
-    pub rm_separator: Option<String>,
-    /// Append EOS to the reward-model input.
-    #[arg(long)]
-    pub rm_append_eos: bool,
-    /// Sequences per reward-model forward.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Model name sent to a judge: endpoint.
-    #[arg(long)]
-    pub judge_model: Option<String>,
-    /// Environment variable holding the judge's API key.
-    #[arg(long)]
-    pub api_key_env: Option<String>,
 }
 
 /// How the policy is trained (the flags of `rrhf train` other than its files; defaults as there).
@@ -257,20 +222,10 @@ impl IterateConfig {
 
     /// `rrhf score --reward` of `data` into `output` (no KL: OP applies it with the policy it holds).
     pub fn score_config(&self, data: PathBuf, output: PathBuf, resume: bool) -> ScoreConfig {
-        let r = &self.reward_args;
         let mut s = ScoreConfig::new(data, output, self.reward.clone());
         s.device = self.model.device;
         s.dtype = self.model.dtype;
-        s.batch_size = r.batch_size;
-        s.score_on = r.score_on;
-        s.label = r.label.clone();
-        s.rm_config = r.rm_config.clone();
-        s.rm_tokenizer = r.rm_tokenizer.clone();
-        s.rm_max_len = r.rm_max_len;
-        s.rm_separator = r.rm_separator.clone();
-        s.rm_append_eos = r.rm_append_eos;
-        s.judge_model = r.judge_model.clone();
-        s.api_key_env = r.api_key_env.clone();
+        self.reward_args.apply(&mut s);
         s.max_len = self.records.max_len;
         s.max_query_len = self.records.max_query_len;
         s.length_penalty = self.train.length_penalty;
@@ -336,7 +291,6 @@ impl IterateConfig {
     /// `rrhf eval` of `model` into `output`: greedy generations on the evaluation prompts, with the sampling
     /// limits and reward of the run.
     pub fn eval_config(&self, model: &Path, output: PathBuf) -> EvalConfig {
-        let r = &self.reward_args;
         let e = &self.eval;
         EvalConfig {
             models: vec![model.to_path_buf()],
@@ -364,16 +318,7 @@ impl IterateConfig {
             top_p: 1.0,
             seed: self.seed,
             train_data: None,
-            score_on: r.score_on,
-            label: r.label.clone(),
-            rm_config: r.rm_config.clone(),
-            rm_tokenizer: r.rm_tokenizer.clone(),
-            rm_max_len: r.rm_max_len,
-            rm_separator: r.rm_separator.clone(),
-            rm_append_eos: r.rm_append_eos,
-            batch_size: r.batch_size,
-            judge_model: r.judge_model.clone(),
-            api_key_env: r.api_key_env.clone(),
+            reward_args: self.reward_args.clone(),
             max_len: self.records.max_len,
             length_penalty: self.train.length_penalty,
             device: self.model.device,

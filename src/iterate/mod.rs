@@ -28,7 +28,8 @@ use crate::model::ModelError;
 use crate::score::{RewardSpec, ScoreError};
 use crate::train::trainer::TrainError;
 
-pub use args::{EvalArgs, RewardArgs, SamplingArgs, TrainArgs};
+pub use crate::score::args::RewardArgs;
+pub use args::{EvalArgs, SamplingArgs, TrainArgs};
 
 /// Which of the paper's iterated settings to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

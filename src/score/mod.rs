@@ -5,6 +5,7 @@
 //! `policy:DIR` (p_i of a causal LM) and `labels` (the scores already in the data); optionally the KL-penalised
 //! reward R̃ = R − β·(log π(y|x) − log ρ(y|x)).
 
+pub mod args;
 pub mod bench;
 pub mod command;
 pub mod judge;
