@@ -264,7 +264,7 @@ fn fuzz(
     let mut failures = Vec::new();
     let (mut accepted, mut refused) = (0, 0);
     for case in 0..n {
-        let mut rng = Rng::new(seed ^ (case as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = case_rng(seed, case);
         let path = make(&mut rng, case);
         let len = std::fs::metadata(&path)
             .map(|m| m.len() as usize)
@@ -308,6 +308,11 @@ fn fuzz(
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// The generator of one case: a case is reproducible from the target's seed and its number alone.
+fn case_rng(seed: u64, case: usize) -> Rng {
+    Rng::new(seed ^ (case as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 fn err_text<T, E: std::fmt::Display>(r: Result<T, E>) -> Option<String> {
@@ -387,44 +392,57 @@ fn fuzz_jsonl_records() {
     );
 }
 
-#[test]
-fn fuzz_parquet_rows() {
+const PARQUET_SEED: u64 = 0x9A_9E7;
+
+/// The pairwise Parquet file of `data.rs`, Snappy, gzip and uncompressed.
+fn parquet_seeds() -> Vec<Vec<u8>> {
     use parquet::basic::{Compression, GzipLevel};
     let tmp = temp_dir();
-    let mut seeds = Vec::new();
-    for (i, c) in [
+    [
         Compression::SNAPPY,
         Compression::GZIP(GzipLevel::default()),
         Compression::UNCOMPRESSED,
     ]
     .into_iter()
-    .enumerate()
-    {
-        let p = tmp.join(format!("seed{i}.parquet"));
+    .map(|c| {
+        let p = tmp.join("seed.parquet");
         super::data::write_pairwise_parquet(&p, c);
-        seeds.push(std::fs::read(&p).unwrap());
-    }
+        std::fs::read(&p).unwrap()
+    })
+    .collect()
+}
+
+fn mutate_parquet(seeds: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
+    let mut b = seeds[rng.below(seeds.len() as u64) as usize].clone();
+    let len = b.len();
+    // The footer (schema, row-group offsets and sizes) sits at the end: aim half of the edits there.
+    let lo = if rng.below(2) == 0 {
+        len.saturating_sub(400)
+    } else {
+        0
+    };
+    mutate_bytes(&mut b, rng, lo, len);
+    b
+}
+
+#[test]
+fn fuzz_parquet_rows() {
+    let seeds = parquet_seeds();
+    let tmp = temp_dir();
     fuzz(
         "parquet",
-        0x9A_9E7,
+        PARQUET_SEED,
         cases(600),
         |rng, case| {
-            let mut b = seeds[rng.below(seeds.len() as u64) as usize].clone();
-            let len = b.len();
-            // The footer (schema, row-group offsets and sizes) sits at the end: aim half of the edits there.
-            let lo = if rng.below(2) == 0 {
-                len.saturating_sub(400)
-            } else {
-                0
-            };
-            mutate_bytes(&mut b, rng, lo, len);
             let p = tmp.join(format!("c{case}.parquet"));
-            std::fs::write(&p, b).unwrap();
+            std::fs::write(&p, mutate_parquet(&seeds, rng)).unwrap();
             p
         },
         |p| {
+            // Skipping: the seed's row 3 is invalid on purpose (a null prompt), so intact rows are accepted.
             let opts = ReadOptions {
                 format: InputFormat::Auto,
+                skip_invalid: true,
                 ..ReadOptions::default()
             };
             let r = read_records(p, &opts);
@@ -1001,6 +1019,32 @@ fn huge_layer_count_in_config_is_refused_by_its_missing_weights() {
         assert!(
             err.contains(model) && err.contains("is missing"),
             "{model}: {err}"
+        );
+    }
+}
+
+/// Found by `fuzz_parquet_rows` (cases 970, 1299 and 1349 of its stream): the parquet crate panics on some corrupt
+/// files ("column start and length should not be negative", "Decoder for dict should have been set", a slice
+/// index out of range) instead of returning an error; the reader turns the panic into a clean error naming the file.
+#[test]
+fn corrupt_parquet_that_panics_the_parquet_crate_is_a_clean_error() {
+    let seeds = parquet_seeds();
+    let tmp = temp_dir();
+    for case in [970, 1299, 1349] {
+        let p = tmp.join(format!("case{case}.parquet"));
+        std::fs::write(
+            &p,
+            mutate_parquet(&seeds, &mut case_rng(PARQUET_SEED, case)),
+        )
+        .unwrap();
+        let err = read_records(&p, &ReadOptions::default())
+            .err()
+            .expect("a corrupt file is refused")
+            .to_string();
+        assert!(
+            err.contains(&format!("case{case}.parquet"))
+                && err.contains("the parquet reader failed on it"),
+            "case {case}: {err}"
         );
     }
 }
