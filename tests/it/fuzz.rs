@@ -349,7 +349,7 @@ fn fuzz_jsonl_records() {
     fuzz(
         "jsonl",
         0x150_11,
-        cases(1500),
+        cases(3000),
         |rng, case| {
             let mut lines = seeds[rng.below(seeds.len() as u64) as usize].clone();
             let mut text = Vec::new();
@@ -432,7 +432,7 @@ fn fuzz_parquet_rows() {
     fuzz(
         "parquet",
         PARQUET_SEED,
-        cases(600),
+        cases(2000),
         |rng, case| {
             let p = tmp.join(format!("c{case}.parquet"));
             std::fs::write(&p, mutate_parquet(&seeds, rng)).unwrap();
@@ -474,7 +474,7 @@ fn fuzz_config_json() {
     fuzz(
         "config",
         0xC0F1,
-        cases(1500),
+        cases(3000),
         |rng, case| {
             let mut v = seeds[rng.below(seeds.len() as u64) as usize].clone();
             mutate_json(&mut v, rng);
@@ -525,7 +525,7 @@ fn fuzz_config_json_model_load() {
     fuzz(
         "config-load",
         0x10AD,
-        cases(300),
+        cases(1000),
         |rng, _case| {
             let i = rng.below(dirs.len() as u64) as usize;
             let mut v = seeds[i].clone();
@@ -570,7 +570,7 @@ fn fuzz_safetensors_headers() {
     fuzz(
         "safetensors",
         0x5AFE,
-        cases(1500),
+        cases(3000),
         |rng, case| {
             let seed = &seeds[rng.below(seeds.len() as u64) as usize];
             let (mut header, data) = split_safetensors(seed);
@@ -748,7 +748,7 @@ fn fuzz_gguf_headers_and_metadata() {
     fuzz(
         "gguf",
         0x6606,
-        cases(800),
+        cases(2000),
         |rng, case| {
             let p = tmp.join(format!("c{case}.gguf"));
             if rng.below(2) == 0 {
@@ -832,7 +832,7 @@ fn fuzz_pt_pickle() {
     fuzz(
         "pt",
         0x9_1C,
-        cases(800),
+        cases(2000),
         |rng, case| {
             let p = tmp.join(format!("c{case}.pt"));
             match rng.below(4) {
@@ -884,12 +884,28 @@ fn fuzz_config_toml_cli() {
     );
     let exe = env!("CARGO_BIN_EXE_rrhf");
     let mut failures = Vec::new();
-    let n = cases(40);
+    let n = cases(100);
     for case in 0..n {
         let mut rng = Rng::new(0x7031 ^ case as u64);
         let mut b = seed.clone().into_bytes();
-        let len = b.len();
-        mutate_bytes(&mut b, &mut rng, 0, len);
+        // TOML value kinds that byte edits rarely produce: tables, datetimes, out-of-range and special numbers.
+        const EXTRA: [&str; 8] = [
+            "[section]\nx = 1\n",
+            "when = 1979-05-27T07:32:00Z\n",
+            "max_len = 18446744073709551615\n",
+            "seed = -9223372036854775808\n",
+            "stop = [[1], {a = 1}]\n",
+            "lr = 1e400\n",
+            "lr = nan\n",
+            "max_len = -1\n",
+        ];
+        if rng.below(2) == 0 {
+            b.extend(EXTRA[rng.below(EXTRA.len() as u64) as usize].bytes());
+        }
+        if rng.below(4) != 0 {
+            let len = b.len();
+            mutate_bytes(&mut b, &mut rng, 0, len);
+        }
         let p = tmp.join(format!("c{case}.toml"));
         std::fs::write(&p, &b).unwrap();
         let out = std::process::Command::new("bash")
