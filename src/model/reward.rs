@@ -411,7 +411,19 @@ fn check_pickle_lengths(p: &[u8]) -> std::result::Result<(), String> {
                 }
                 4 + len
             }
-            0x8a => 1 + usize::from(arg(i, 1)?[0]),
+            0x8a => {
+                // candle shifts each byte into an i64 by 8·index: more than 8 bytes overflows the shift (a panic
+                // in builds with overflow checks) and could not be an int candle represents anyway.
+                let n = arg(i, 1)?[0];
+                if n > 8 {
+                    return Err(format!(
+                        "an integer at byte {} has {n} bytes, more than the 8 of a 64-bit integer: the file is \
+                         corrupt",
+                        i - 1
+                    ));
+                }
+                1 + usize::from(n)
+            }
             b'c' => {
                 // Module and class names, each up to a newline.
                 let mut k = i;
@@ -1076,6 +1088,11 @@ mod tests {
         let mut ok = vec![0x80, 2, b'}', b'X', 1, 0, 0, 0, b'w'];
         ok.extend(b"ctorch\nFloatStorage\nK\x05M\x01\x00J\x01\x02\x03\x04\x8a\x02\xff\x01.");
         assert_eq!(check_pickle_lengths(&ok), Ok(()));
+        // An integer wider than 64 bits (candle's shift would overflow).
+        let mut wide = vec![0x8a, 9];
+        wide.extend([1u8; 9]);
+        wide.push(b'.');
+        assert!(check_pickle_lengths(&wide).unwrap_err().contains("9 bytes"));
         // Truncated arguments are reported, not read past.
         assert!(check_pickle_lengths(&[b'J', 1, 2])
             .unwrap_err()
