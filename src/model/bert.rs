@@ -127,7 +127,9 @@ impl BertClassifier {
     pub fn new(cfg: &BertConfig, num_labels: usize, w: &Weights) -> Result<Self> {
         let h = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
-        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        // Grown, not sized by `num_hidden_layers`: the count comes from config.json, and a corrupt one (2^64 − 1) would abort
+        // the allocation before the first missing layer weight is reported.
+        let mut blocks = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("bert.encoder.layer.{i}");
             blocks.push(EncoderBlock {
@@ -211,7 +213,9 @@ impl DistilBertClassifier {
     pub fn new(cfg: &DistilBertConfig, num_labels: usize, w: &Weights) -> Result<Self> {
         let d = cfg.dim;
         let eps = DISTILBERT_LN_EPS;
-        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        // Grown, not sized by `n_layers`: the count comes from config.json, and a corrupt one (2^64 − 1) would abort
+        // the allocation before the first missing layer weight is reported.
+        let mut blocks = Vec::new();
         for i in 0..cfg.n_layers {
             let p = format!("distilbert.transformer.layer.{i}");
             blocks.push(EncoderBlock {

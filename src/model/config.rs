@@ -391,6 +391,7 @@ fn parse_llama(r: &Reader) -> Result<LlamaConfig> {
         None => r.opt_f64("partial_rotary_factor")?,
     }
     .unwrap_or(1.0);
+    let partial = rotary_fraction(r, "partial_rotary_factor", partial)?;
     let rotary_dim = ((head_dim as f64 * partial) as usize) & !1;
     Ok(LlamaConfig {
         vocab_size: r.usize("vocab_size")?,
@@ -441,6 +442,25 @@ fn parse_gpt2(r: &Reader) -> Result<Gpt2Config> {
     })
 }
 
+/// The fraction of each head that rope rotates, checked to lie in [0, 1]: it sizes the rope tables, and a corrupt
+/// value such as 1e308 would make `head_dim × fraction` saturate to `usize::MAX` and the table allocation abort.
+fn rotary_fraction(r: &Reader, field: &str, p: f64) -> Result<f64> {
+    if (0.0..=1.0).contains(&p) {
+        Ok(p)
+    } else {
+        // Scientific notation for large values: `{}` writes 1e308 with all its 309 digits.
+        let shown = if p.abs() >= 1e6 {
+            format!("{p:e}")
+        } else {
+            p.to_string()
+        };
+        Err(r.err(
+            field,
+            format!("{shown} is not a fraction of the head dimension in [0, 1]"),
+        ))
+    }
+}
+
 fn parse_neox(r: &Reader) -> Result<GptNeoxConfig> {
     let hidden_size = r.usize("hidden_size")?;
     let heads = r.usize("num_attention_heads")?;
@@ -459,6 +479,7 @@ fn parse_neox(r: &Reader) -> Result<GptNeoxConfig> {
         Some(Err(e)) => return Err(e),
         _ => r.opt_f64("rotary_pct")?.unwrap_or(0.25),
     };
+    let pct = rotary_fraction(r, "rotary_pct (or partial_rotary_factor)", pct)?;
     Ok(GptNeoxConfig {
         vocab_size: r.usize("vocab_size")?,
         hidden_size,
@@ -516,6 +537,23 @@ mod tests {
             err.contains("cfg/config.json") && err.contains("rope_theta"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn rotary_fraction_outside_zero_one_is_refused_before_sizing_rope_tables() {
+        let mut neox = json!({"architectures": ["GPTNeoXForCausalLM"], "vocab_size": 10, "hidden_size": 16,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "rotary_emb_base": 1e4});
+        neox["rotary_pct"] = json!(1e308);
+        let err = parse(neox).unwrap_err().to_string();
+        assert!(
+            err.contains("cfg/config.json") && err.contains("rotary_pct") && err.contains("[0, 1]"),
+            "{err}"
+        );
+        let mut llama = llama_base();
+        llama["rope_theta"] = json!(1e4);
+        llama["partial_rotary_factor"] = json!(-2.0);
+        let err = parse(llama).unwrap_err().to_string();
+        assert!(err.contains("partial_rotary_factor"), "{err}");
     }
 
     #[test]

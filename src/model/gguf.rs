@@ -580,6 +580,18 @@ fn plan_tensors(path: &Path, content: &Content, hp: &Hparams) -> Result<Plan> {
             ))
         }
     };
+    // Each block has 9 tensors: a block count the file cannot hold is refused before the plan is sized by it
+    // (a corrupt count of 2^32 would otherwise allocate the plan of 2^32 blocks).
+    if hp.n_layers.saturating_mul(9) > infos.len() {
+        return Err(gguf_err(
+            path,
+            format!(
+                "metadata `llama.block_count` is {}, but the file holds only {} tensors (each block has 9)",
+                hp.n_layers,
+                infos.len()
+            ),
+        ));
+    }
     let (h, f) = (hp.hidden, hp.ffn);
     let q_out = hp.n_heads * hp.head_dim;
     let kv_out = hp.n_kv_heads * hp.head_dim;

@@ -47,7 +47,9 @@ impl Gpt2 {
                 bias: w.get(&format!("{p}.bias"), &[out])?,
             })
         };
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        // Grown, not sized by `n_layer`: the count comes from config.json, and a corrupt one (2^64 − 1) would abort
+        // the allocation before the first missing layer weight is reported.
+        let mut blocks = Vec::new();
         for i in 0..cfg.n_layer {
             let p = format!("transformer.h.{i}");
             blocks.push(Block {

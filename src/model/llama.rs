@@ -58,7 +58,9 @@ impl Llama {
                 eps: cfg.rms_norm_eps,
             })
         };
-        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        // Grown, not sized by `num_hidden_layers`: the count comes from config.json, and a corrupt one (2^64 − 1) would abort
+        // the allocation before the first missing layer weight is reported.
+        let mut blocks = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let ab = cfg.attention_bias;

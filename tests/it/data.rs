@@ -524,7 +524,7 @@ fn strings(v: &[&'static str]) -> Chunk {
 }
 
 /// Rows 1-2 in one row group, row 3 (prompt null) in a second.
-fn write_pairwise_parquet(path: &Path, compression: Compression) {
+pub(crate) fn write_pairwise_parquet(path: &Path, compression: Compression) {
     let group1 = vec![
         (
             Values::Strings(vec![

@@ -6,6 +6,7 @@ mod data;
 mod demo;
 mod errors;
 mod eval;
+mod fuzz;
 mod generate;
 mod gradients;
 mod iterate;

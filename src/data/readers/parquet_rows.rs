@@ -52,7 +52,29 @@ fn unreadable(path: &Path, row: Option<usize>, e: parquet::errors::ParquetError)
 }
 
 /// Reads every row (records may be empty: the caller reports [`DataError::Empty`]).
+///
+/// The parquet crate panics on some corrupt files instead of returning an error (found by fuzzing: negative
+/// column chunk offsets in the footer, a dictionary page missing, a truncated level buffer); such a panic is
+/// turned into the same "not a readable Parquet file" error as the crate's own failures.
 pub(super) fn read(path: &Path, opts: &ReadOptions) -> Result<ReadOutcome, DataError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_rows(path, opts))).unwrap_or_else(
+        |panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(DataError::invalid(
+                path,
+                None,
+                None,
+                format!("not a readable Parquet file: the parquet reader failed on it ({why}); the file is corrupt"),
+            ))
+        },
+    )
+}
+
+fn read_rows(path: &Path, opts: &ReadOptions) -> Result<ReadOutcome, DataError> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let reader = SerializedFileReader::new(file).map_err(|e| unreadable(path, None, e))?;
     let format = match opts.format {
