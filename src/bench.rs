@@ -259,3 +259,93 @@ impl GenerateBench {
         Ok(rows)
     }
 }
+
+/// One strategy of [`RealGenerateBench`]: time, token count and the ids of every prompt.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RealGenerateRow {
+    pub name: String,
+    pub seconds: f64,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    /// The new ids of each prompt (its best sequence).
+    pub ids: Vec<Vec<u32>>,
+}
+
+/// `rrhf bench generate --model DIR --prompts FILE`: one prompt at a time (as a user sampling one query), greedy
+/// and beam search with `rrhf sample`'s defaults (length penalty 1.0, early stopping false), stopping at the
+/// model's stop ids. Tokens/s counts the new tokens of the returned sequence (stop id included).
+#[derive(Debug, Clone)]
+pub struct RealGenerateBench {
+    pub max_new_tokens: usize,
+    pub num_beams: usize,
+    /// "greedy" and/or "beam".
+    pub strategies: Vec<String>,
+}
+
+impl RealGenerateBench {
+    pub fn strategy(&self, name: &str) -> Result<(String, crate::sample::Strategy), ModelError> {
+        use crate::sample::{EarlyStopping, Strategy};
+        match name {
+            "greedy" => Ok(("greedy".into(), Strategy::Greedy)),
+            "beam" => Ok((
+                format!("beam {}", self.num_beams),
+                Strategy::Beam {
+                    num_beams: self.num_beams,
+                    length_penalty: 1.0,
+                    early_stopping: EarlyStopping::False,
+                },
+            )),
+            other => Err(ModelError::Input(format!(
+                "bench generate: unknown strategy {other:?} (greedy or beam)"
+            ))),
+        }
+    }
+
+    /// Runs each strategy over `prompts`, one prompt per `generate` call, after an untimed warm-up call.
+    pub fn run(
+        &self,
+        model: &CausalLm,
+        prompts: &[Vec<u32>],
+        stop_ids: &[u32],
+        pad_id: u32,
+        device: &Device,
+    ) -> Result<Vec<RealGenerateRow>, ModelError> {
+        use crate::sample::{generate, GenerateOptions};
+        let mut rows = Vec::new();
+        for s in &self.strategies {
+            let (name, strategy) = self.strategy(s)?;
+            let opts = GenerateOptions {
+                strategy,
+                num_return_sequences: 1,
+                max_new_tokens: self.max_new_tokens,
+                stop_ids: stop_ids.to_vec(),
+                pad_id,
+                ..GenerateOptions::default()
+            };
+            if let Some(p) = prompts.first() {
+                let warm = GenerateOptions {
+                    max_new_tokens: self.max_new_tokens.min(4),
+                    ..opts.clone()
+                };
+                generate(model, std::slice::from_ref(p), &warm)?;
+            }
+            let mut ids = Vec::with_capacity(prompts.len());
+            let t0 = Instant::now();
+            for p in prompts {
+                let mut out = generate(model, std::slice::from_ref(p), &opts)?;
+                ids.push(std::mem::take(&mut out[0][0].ids));
+            }
+            device.synchronize()?;
+            let seconds = t0.elapsed().as_secs_f64();
+            let tokens: usize = ids.iter().map(Vec::len).sum();
+            rows.push(RealGenerateRow {
+                name,
+                seconds,
+                tokens,
+                tokens_per_s: tokens as f64 / seconds,
+                ids,
+            });
+        }
+        Ok(rows)
+    }
+}

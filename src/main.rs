@@ -139,9 +139,9 @@ enum BenchCommand {
         device: DeviceSpec,
         #[arg(long, default_value = "f32")]
         dtype: DTypeSpec,
-        /// Prompts per batch.
-        #[arg(long, default_value_t = 4)]
-        prompts: usize,
+        /// Prompts per batch (random LLaMA), or with --model a prompts file (JSON lines, as `rrhf sample`).
+        #[arg(long, default_value = "4")]
+        prompts: String,
         /// Tokens per prompt.
         #[arg(long, default_value_t = 64)]
         prompt_len: usize,
@@ -151,6 +151,22 @@ enum BenchCommand {
         /// Timed repetitions (the median is shown).
         #[arg(long, default_value_t = 1)]
         iters: usize,
+        /// A real model (Hugging Face dir or .gguf): decode the prompts of --prompts one at a time, stopping at
+        /// its stop ids.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// With --model: the most new tokens per prompt.
+        #[arg(long, default_value_t = 48)]
+        max_new_tokens: usize,
+        /// With --model: comma-separated strategies, greedy and/or beam.
+        #[arg(long, default_value = "greedy,beam")]
+        strategy: String,
+        /// With --model: beams of beam search.
+        #[arg(long, default_value_t = 4)]
+        num_beams: usize,
+        /// With --model: print one JSON object (rows with the generated ids, and the prompt ids).
+        #[arg(long)]
+        json: bool,
     },
     /// Seconds per AdamW step on 45M parameters: rrhf's fused update against candle_nn's AdamW.
     Optim {
@@ -212,6 +228,68 @@ struct SyntheticTrainArgs {
 /// Large tensor buffers stay mapped between training steps (see `rrhf::alloc`).
 #[global_allocator]
 static ALLOC: rrhf::alloc::CachingAlloc = rrhf::alloc::CachingAlloc::new();
+
+/// `rrhf bench generate --model DIR --prompts FILE`.
+fn bench_generate_real(
+    model: &Path,
+    prompts: &Path,
+    device: DeviceSpec,
+    dtype: DTypeSpec,
+    bench: &rrhf::bench::RealGenerateBench,
+    json: bool,
+) -> Result<()> {
+    let dev = device.open()?;
+    let loaded = rrhf::model::load_model(model, &dev, dtype.dtype())
+        .with_context(|| format!("loading {}", model.display()))?;
+    let (texts, _) = rrhf::sample::prompts::read_prompts(
+        prompts,
+        rrhf::data::readers::InputFormat::Auto,
+        rrhf::data::readers::PromptTemplate::None,
+        false,
+    )
+    .with_context(|| format!("reading prompts from {}", prompts.display()))?;
+    let tok = &loaded.tokenizer;
+    let ids = texts
+        .iter()
+        .map(|p| tok.encode(&p.query, true))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let rows = bench.run(&loaded.model, &ids, &tok.stop_ids, tok.pad_id, &dev)?;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "model": model.display().to_string(),
+                "prompts": ids,
+                "stop_ids": tok.stop_ids,
+                "pad_id": tok.pad_id,
+                "max_new_tokens": bench.max_new_tokens,
+                "num_beams": bench.num_beams,
+                "length_penalty": 1.0,
+                "early_stopping": false,
+                "rows": rows,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "rrhf bench generate: {} on {} ({} prompts, one at a time), at most {} new tokens, {device}, {dtype}",
+        model.display(),
+        prompts.display(),
+        ids.len(),
+        bench.max_new_tokens
+    );
+    println!(
+        "{:<12} {:>10} {:>8} {:>12}",
+        "strategy", "seconds", "tokens", "tokens/s"
+    );
+    for r in &rows {
+        println!(
+            "{:<12} {:>10.3} {:>8} {:>12.1}",
+            r.name, r.seconds, r.tokens, r.tokens_per_s
+        );
+    }
+    Ok(())
+}
 
 /// `rrhf bench train --model DIR --data FILE`.
 fn bench_train_real(
@@ -440,7 +518,30 @@ fn run(cli: Cli) -> Result<()> {
                 prompt_len,
                 new_tokens,
                 iters,
+                model,
+                max_new_tokens,
+                strategy,
+                num_beams,
+                json,
             } => {
+                if let Some(model) = model {
+                    let b = rrhf::bench::RealGenerateBench {
+                        max_new_tokens,
+                        num_beams,
+                        strategies: strategy.split(',').map(|s| s.trim().to_string()).collect(),
+                    };
+                    return bench_generate_real(
+                        &model,
+                        Path::new(&prompts),
+                        device,
+                        dtype,
+                        &b,
+                        json,
+                    );
+                }
+                let prompts: usize = prompts
+                    .parse()
+                    .with_context(|| format!("--prompts {prompts:?}: a count without --model"))?;
                 let b = rrhf::bench::GenerateBench {
                     prompts,
                     prompt_len,
