@@ -248,6 +248,21 @@ mod tests {
     use super::*;
     use crate::model::fused_elementwise::tests::{check, rand};
 
+    /// The reference: gather the rows, a plain matmul, log-softmax, the label's entry.
+    fn composed(hidden: &Tensor, weight: &Tensor, idx: &Tensor, lab: &Tensor) -> Tensor {
+        let logits = hidden
+            .index_select(idx, 0)
+            .unwrap()
+            .matmul(&weight.t().unwrap())
+            .unwrap();
+        crate::model::layers::log_softmax(&logits)
+            .unwrap()
+            .gather(lab, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+    }
+
     #[test]
     fn fused_head_equals_linear_then_log_softmax_with_gradients() {
         let (m, h, v) = (23, 12, 37);
@@ -263,16 +278,7 @@ mod tests {
         check(
             &[rand(&[m, h], 5), (rand(&[v, h], 6) * 0.5).unwrap()],
             |t| head_logprobs(&t[0], &t[1], &rows, &labels).unwrap(),
-            |t| {
-                let x = t[0].index_select(&idx, 0).unwrap();
-                let logits = x.matmul(&t[1].t().unwrap()).unwrap();
-                crate::model::layers::log_softmax(&logits)
-                    .unwrap()
-                    .gather(&lab, 1)
-                    .unwrap()
-                    .squeeze(1)
-                    .unwrap()
-            },
+            |t| composed(&t[0], &t[1], &idx, &lab),
             1e-5,
         );
     }
@@ -291,16 +297,7 @@ mod tests {
         check(
             &[rand(&[m, h], 7), (rand(&[v, h], 8) * 0.1).unwrap()],
             |t| head_logprobs(&t[0], &t[1], &rows, &labels).unwrap(),
-            |t| {
-                let x = t[0].index_select(&idx, 0).unwrap();
-                let logits = x.matmul(&t[1].t().unwrap()).unwrap();
-                crate::model::layers::log_softmax(&logits)
-                    .unwrap()
-                    .gather(&lab, 1)
-                    .unwrap()
-                    .squeeze(1)
-                    .unwrap()
-            },
+            |t| composed(&t[0], &t[1], &idx, &lab),
             1e-4,
         );
     }
