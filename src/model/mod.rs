@@ -19,6 +19,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod load;
+pub mod ops;
 pub mod recompute;
 pub mod reward;
 pub mod save;
