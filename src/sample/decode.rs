@@ -124,6 +124,11 @@ pub struct Generated {
     pub finished: bool,
 }
 
+/// An invalid generation input or option.
+pub(crate) fn bad(msg: impl Into<String>) -> ModelError {
+    ModelError::Input(msg.into())
+}
+
 /// The model side of generation: prefill, one-token steps and row selection over a KV cache.
 pub struct Decoder<'a> {
     model: &'a CausalLm,

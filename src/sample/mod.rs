@@ -2,6 +2,7 @@
 //! top-k / top-p sampling with a KV cache and batched prompts).
 
 pub mod command;
+pub mod decode;
 pub mod generate;
 pub mod prompts;
 pub mod strategy_beam;
