@@ -29,7 +29,7 @@ use crate::data::readers::{read_records, write_records, InputFormat, PromptTempl
 use crate::data::{DataError, Record};
 use crate::device::{DTypeSpec, DeviceSpec};
 use crate::model::{load_model, LoadedModel, ModelError, TextTokenizer};
-use crate::train::log::Progress;
+use crate::progress::Progress;
 
 use super::prompts::{read_prompts, Prompt};
 use super::{generate, EarlyStopping, GenerateOptions, StopCheck, Strategy};
