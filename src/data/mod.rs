@@ -3,6 +3,7 @@
 pub mod args;
 pub mod batch;
 pub mod error;
+pub mod prepare;
 pub mod readers;
 pub mod record;
 pub mod tokenize;

@@ -10,12 +10,13 @@ use serde_json::json;
 
 use crate::data::args::RecordArgs;
 use crate::data::batch::{build_batch, Layout};
+use crate::data::prepare::prepare;
 use crate::data::tokenize::TokenizedRecord;
 use crate::fsutil::write_atomic;
 use crate::model::load::ModelArgs;
 use crate::model::{LoadedModel, ModelError};
 use crate::train::loss::{rrhf_loss, LossConfig};
-use crate::train::trainer::{prepare, TrainError};
+use crate::train::trainer::TrainError;
 
 /// Flags of `rrhf rank`.
 #[derive(Debug, Clone, clap::Args, Serialize)]

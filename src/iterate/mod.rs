@@ -202,7 +202,7 @@ fn check_common(cfg: &IterateConfig) -> Result<(), IterateError> {
         .map_err(IterateError::Config)?;
     // --max-len against the model's positions, before any model work (GGUF files are checked when loaded).
     if let Some(config) = crate::train::trainer::config_of(&cfg.model.model) {
-        crate::train::trainer::check_max_len(cfg.records.max_len, &config, &cfg.model.model)?;
+        crate::data::prepare::check_max_len(cfg.records.max_len, &config, &cfg.model.model)?;
     }
     Ok(())
 }
