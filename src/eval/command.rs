@@ -28,10 +28,9 @@ use crate::score::args::RewardArgs;
 use crate::score::command::RewardFn;
 use crate::score::stats::reward_stats;
 use crate::score::{RewardSpec, ScoreConfig, ScoreError};
-use crate::train::trainer::TrainError;
 
 use super::perplexity::{response_nlls, summarize, PplContext, ResponseNll};
-use super::rank::{rank_with_model, RankConfig};
+use super::rank::{rank_with_model, RankConfig, RankError};
 use super::report::{mean_std_se, GenerationLine, ModelReport, Report, TrainDataReport};
 
 /// Flags of `rrhf eval`.
@@ -152,7 +151,7 @@ pub enum EvalError {
     #[error("{model}: --pairs: {cause}")]
     Rank {
         model: PathBuf,
-        cause: Box<TrainError>,
+        cause: Box<RankError>,
     },
     /// Flags that do not fit together, or input that cannot be used.
     #[error("{0}")]

@@ -23,6 +23,7 @@ pub mod ops;
 pub mod recompute;
 pub mod reward;
 pub mod save;
+pub mod seq_logprob;
 pub mod tokenizer;
 pub mod weights;
 
