@@ -23,6 +23,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod iterate;
 pub mod model;
+pub mod plot;
 pub mod progress;
 pub mod rng;
 pub mod sample;

@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use crate::fsutil::write_atomic;
 use crate::model::ModelError;
+use crate::plot::{plot_bars, BarSeries};
 use crate::score::stats::RewardStats;
-use crate::train::plot::{plot_bars, BarSeries};
 
 /// The metrics of one evaluated model (one row of the report).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -6,7 +6,9 @@ pub mod log;
 pub mod loss;
 pub mod optim;
 pub mod output;
-pub mod plot;
 pub mod precision;
 pub mod schedule;
 pub mod trainer;
+
+/// The plots moved to [`crate::plot`] (below the stages, shared with `eval`); this path stays for callers.
+pub use crate::plot;

@@ -47,7 +47,7 @@ pub const WIDTH: u32 = 1200;
 pub const HEIGHT: u32 = 800;
 
 /// The embedded font (Cantarell Regular 0.303.1, SIL Open Font License 1.1).
-static FONT: &[u8] = include_bytes!("../../assets/fonts/Cantarell-Regular.otf");
+static FONT: &[u8] = include_bytes!("../assets/fonts/Cantarell-Regular.otf");
 /// The family every text style below uses; the font is registered under it.
 const FAMILY: &str = "sans-serif";
 
