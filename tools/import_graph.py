@@ -14,8 +14,8 @@ import re
 import sys
 
 # Allowed direction (README "Layout"): what each top-level module may import besides itself. The base modules
-# (`lib`, `alloc`, `rng`, `fsutil`, `device`, `progress`) import only each other; `main` and `iterate` may use all.
-BASE = {"lib", "alloc", "rng", "fsutil", "device", "progress"}
+# (`lib`, `alloc`, `rng`, `fsutil`, `device`, `progress`, `plot`) import only each other; `main` and `iterate` may use all.
+BASE = {"lib", "alloc", "rng", "fsutil", "device", "progress", "plot"}
 ALLOWED = {
     "model": BASE,
     "client": BASE,

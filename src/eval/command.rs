@@ -134,6 +134,9 @@ pub enum EvalError {
     /// A model that cannot be loaded or run.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The report could not be written.
+    #[error(transparent)]
+    Report(#[from] super::report::ReportError),
     // The cause is part of the message, not a `source` (which would print it a second time in the chain).
     /// The reward could not be loaded, or failed while scoring.
     #[error("--reward {spec}: {cause}")]

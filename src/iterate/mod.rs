@@ -146,6 +146,9 @@ pub enum IterateError {
         stage: &'static str,
         cause: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A plot could not be drawn or written.
+    #[error(transparent)]
+    Plot(#[from] crate::plot::PlotError),
     /// Training stopped (a non-finite loss or gradient, a refused output or resume).
     #[error(transparent)]
     Train(#[from] TrainError),

@@ -12,3 +12,12 @@ pub mod trainer;
 
 /// The plots moved to [`crate::plot`] (below the stages, shared with `eval`); this path stays for callers.
 pub use crate::plot;
+
+impl From<crate::plot::PlotError> for trainer::TrainError {
+    fn from(e: crate::plot::PlotError) -> Self {
+        match e {
+            crate::plot::PlotError::Io(e) => e.into(),
+            crate::plot::PlotError::Draw(msg) => trainer::TrainError::Config(msg),
+        }
+    }
+}
