@@ -1,5 +1,6 @@
 //! The model layer: Hugging Face configs and weights, GGUF input, and differentiable causal LM forwards.
 
+pub mod bench;
 pub mod bert;
 pub mod causal_lm;
 pub mod config;

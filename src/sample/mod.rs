@@ -1,6 +1,7 @@
 //! Sampling responses from a local model: the generation engine (greedy, beam search, diverse beam search,
 //! top-k / top-p sampling with a KV cache and batched prompts).
 
+pub mod bench;
 pub mod command;
 pub mod decode;
 pub mod generate;

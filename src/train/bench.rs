@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::bench::{BenchRow, ForwardBench};
 use crate::data::batch::{build_batch, Layout};
 use crate::data::tokenize::TokenizedRecord;
+use crate::model::bench::{BenchRow, ForwardBench};
 use crate::model::init::random_weights;
 use crate::model::recompute::grads_by_recompute;
 use crate::model::{CausalLm, ModelError};
