@@ -14,6 +14,18 @@ pub fn tune_allocator() {
     }
 }
 
+/// Implements `Serialize` as the `Display` spelling (the CLI value) for option types, so `args.json` holds
+/// exactly what a user would type. Defined before the modules so that every one of them can use it.
+macro_rules! serialize_as_display {
+    ($($t:ty),* $(,)?) => {
+        $(impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> ::std::result::Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        })*
+    };
+}
+
 pub mod alloc;
 pub mod bench;
 pub mod client;
@@ -29,18 +41,6 @@ pub mod rng;
 pub mod sample;
 pub mod score;
 pub mod train;
-
-/// Implements `Serialize` as the `Display` spelling (the CLI value) for option types, so `args.json` holds
-/// exactly what a user would type.
-macro_rules! serialize_as_display {
-    ($($t:ty),* $(,)?) => {
-        $(impl serde::Serialize for $t {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
-            }
-        })*
-    };
-}
 
 serialize_as_display!(
     device::DeviceSpec,

@@ -24,6 +24,8 @@ use super::config::{ModelConfig, Reader};
 use super::error::{ModelError, Result};
 use super::gpt_j::{GptJ, GptJConfig};
 use super::input::Input;
+use super::load::read_json_opt;
+use super::tokenizer::left_truncate_keeping_bos;
 use super::tokenizer::{SideFiles, TextTokenizer};
 use super::weights::{read_safetensors, Weights};
 
@@ -241,16 +243,8 @@ pub fn truncate(ids: Vec<u32>, max_len: usize, side: Truncation, bos: Option<u32
         return ids;
     }
     match side {
-        Truncation::Left => {
-            let keep_bos = bos.is_some() && ids.first() == bos.as_ref() && max_len > 1;
-            let tail = max_len - usize::from(keep_bos);
-            let mut out = Vec::with_capacity(max_len);
-            if keep_bos {
-                out.push(ids[0]);
-            }
-            out.extend_from_slice(&ids[ids.len() - tail..]);
-            out
-        }
+        // BOS is kept only when a token of the end fits beside it.
+        Truncation::Left => left_truncate_keeping_bos(ids, max_len, bos.filter(|_| max_len > 1)),
         Truncation::Right => {
             let mut out = ids[..max_len - 1].to_vec();
             out.push(ids[ids.len() - 1]);
@@ -348,14 +342,6 @@ fn read_json(path: &Path, what: &str) -> Result<Value> {
         path: path.to_path_buf(),
         msg: format!("invalid JSON: {e}"),
     })
-}
-
-fn read_json_opt(path: &Path) -> Result<Option<Value>> {
-    if path.exists() {
-        read_json(path, "").map(Some)
-    } else {
-        Ok(None)
-    }
 }
 
 fn is_pickle(path: &Path) -> bool {

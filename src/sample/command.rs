@@ -28,6 +28,7 @@ use crate::client::{
 use crate::data::readers::{read_records, write_records, InputFormat, PromptTemplate, ReadOptions};
 use crate::data::{DataError, Record};
 use crate::device::{DTypeSpec, DeviceSpec};
+use crate::model::tokenizer::left_truncate_keeping_bos;
 use crate::model::{load_model, LoadedModel, ModelError, TextTokenizer};
 use crate::progress::Progress;
 
@@ -179,16 +180,7 @@ impl EarlyStop {
     }
 }
 
-macro_rules! serialize_display {
-    ($($t:ty),*) => {$(
-        impl Serialize for $t {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
-            }
-        }
-    )*};
-}
-serialize_display!(Setting, StrategyKind, EarlyStop);
+serialize_as_display!(Setting, StrategyKind, EarlyStop);
 
 /// Everything `rrhf sample` can be told (every field is a flag; `--config FILE.toml` may set any of them).
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -745,14 +737,7 @@ pub fn truncate_prompt(ids: Vec<u32>, max_len: usize, bos: Option<u32>) -> (Vec<
     if ids.len() <= max_len {
         return (ids, false);
     }
-    let keep_bos = bos.is_some() && ids.first() == bos.as_ref();
-    let tail_len = max_len - usize::from(keep_bos);
-    let mut out = Vec::with_capacity(max_len);
-    if keep_bos {
-        out.push(ids[0]);
-    }
-    out.extend_from_slice(&ids[ids.len() - tail_len..]);
-    (out, true)
+    (left_truncate_keeping_bos(ids, max_len, bos), true)
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -107,15 +107,6 @@ impl fmt::Display for ScoreOn {
     }
 }
 
-macro_rules! serialize_as_display {
-    ($($t:ty),*) => {
-        $(impl serde::Serialize for $t {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
-            }
-        })*
-    };
-}
 serialize_as_display!(RewardSpec, ScoreOn);
 
 /// An error of `rrhf score`.
