@@ -21,6 +21,7 @@ pub mod layers;
 pub mod llama;
 pub mod load;
 pub mod ops;
+pub mod pickle;
 pub mod recompute;
 pub mod reward;
 pub mod save;
