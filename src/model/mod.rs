@@ -4,6 +4,8 @@ pub mod bench;
 pub mod bert;
 pub mod causal_lm;
 pub mod config;
+pub mod decode_matmul;
+mod decode_pool;
 pub mod error;
 pub mod fused;
 pub mod fused_attention;
