@@ -611,9 +611,6 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
-/// The optimizer benchmark lives in `super::bench`; this path stays for callers.
-pub use super::bench::bench_adamw;
-
 #[cfg(test)]
 mod tests {
     use super::*;
