@@ -15,7 +15,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,159 +27,20 @@ use crate::client::{
 use crate::data::readers::{read_records, write_records, InputFormat, PromptTemplate, ReadOptions};
 use crate::data::{DataError, Record};
 use crate::device::{DTypeSpec, DeviceSpec};
-use crate::model::tokenizer::left_truncate_keeping_bos;
-use crate::model::{load_model, LoadedModel, ModelError, TextTokenizer};
+use crate::model::{load_model, LoadedModel, ModelError};
 use crate::progress::Progress;
 
 use super::prompts::{read_prompts, Prompt};
+pub use super::settings::{EarlyStop, Setting, StrategyKind};
+use super::text::continuation;
+pub use super::text::{cut_at_stop, first_stop, resolve_stops, truncate_prompt};
 use super::{generate, EarlyStopping, GenerateOptions, StopCheck, Strategy};
 
-/// The turn marker that makes a prompt file "HH-style" (default stop strings `Human:` and `Assistant:`).
-const HH_HUMAN: &str = "\n\nHuman:";
-/// Stop strings for HH-style prompts (the paper's anti-cheating truncation).
-const HH_STOPS: [&str; 2] = ["Human:", "Assistant:"];
 /// The output is rewritten after a batch only if this long (or 10× the last write's time, if more) has passed since
 /// the last write; always at the end and on errors.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 /// OpenAI accepts at most 4 stop strings; more are applied on our side only.
 const MAX_API_STOPS: usize = 4;
-
-/// The paper's sampling settings (Table 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Setting {
-    /// Beam search + provided responses.
-    Bp,
-    /// Sampling + provided responses.
-    Sp,
-    /// Diverse beam search + provided responses.
-    Dp,
-    /// Diverse beam search only.
-    D,
-    /// Provided responses only.
-    P,
-}
-
-impl FromStr for Setting {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_uppercase().as_str() {
-            "BP" => Ok(Setting::Bp),
-            "SP" => Ok(Setting::Sp),
-            "DP" => Ok(Setting::Dp),
-            "D" => Ok(Setting::D),
-            "P" => Ok(Setting::P),
-            _ => Err(format!(
-                "unknown setting `{s}` (expected one of: BP, SP, DP, D, P)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Setting {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Setting::Bp => "BP",
-            Setting::Sp => "SP",
-            Setting::Dp => "DP",
-            Setting::D => "D",
-            Setting::P => "P",
-        })
-    }
-}
-
-/// `--strategy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StrategyKind {
-    Greedy,
-    Beam,
-    DiverseBeam,
-    Sample,
-}
-
-impl StrategyKind {
-    const NAMES: [(&'static str, StrategyKind); 4] = [
-        ("greedy", StrategyKind::Greedy),
-        ("beam", StrategyKind::Beam),
-        ("diverse-beam", StrategyKind::DiverseBeam),
-        ("sample", StrategyKind::Sample),
-    ];
-
-    /// `policy:{name}`, the source label of its responses.
-    pub fn source(self) -> String {
-        format!("policy:{self}")
-    }
-}
-
-impl FromStr for StrategyKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim().to_ascii_lowercase().replace('_', "-");
-        Self::NAMES
-            .iter()
-            .find(|(n, _)| *n == t)
-            .map(|(_, k)| *k)
-            .ok_or_else(|| {
-                format!(
-                    "unknown strategy `{s}` (expected one of: greedy, beam, diverse-beam, sample)"
-                )
-            })
-    }
-}
-
-impl fmt::Display for StrategyKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = Self::NAMES
-            .iter()
-            .find(|(_, k)| k == self)
-            .map(|(n, _)| *n)
-            .unwrap_or("greedy");
-        f.write_str(name)
-    }
-}
-
-/// `--early-stopping true|false|never` (Hugging Face's beam-search semantics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EarlyStop {
-    True,
-    False,
-    Never,
-}
-
-impl FromStr for EarlyStop {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "true" => Ok(EarlyStop::True),
-            "false" => Ok(EarlyStop::False),
-            "never" => Ok(EarlyStop::Never),
-            _ => Err(format!(
-                "unknown early stopping `{s}` (expected true, false or never)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for EarlyStop {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            EarlyStop::True => "true",
-            EarlyStop::False => "false",
-            EarlyStop::Never => "never",
-        })
-    }
-}
-
-impl EarlyStop {
-    fn engine(self) -> EarlyStopping {
-        match self {
-            EarlyStop::True => EarlyStopping::True,
-            EarlyStop::False => EarlyStopping::False,
-            EarlyStop::Never => EarlyStopping::Never,
-        }
-    }
-}
-
-serialize_as_display!(Setting, StrategyKind, EarlyStop);
 
 /// Everything `rrhf sample` can be told (every field is a flag; `--config FILE.toml` may set any of them).
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -684,60 +544,6 @@ fn early_name(e: &EarlyStopping) -> &'static str {
         EarlyStopping::False => "false",
         EarlyStopping::Never => "never",
     }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Text handling.
-
-/// The stop strings of a run: `given` without empty ones (`--stop ""` turns stops off) or, when none is given,
-/// `Human:` and `Assistant:` for HH-style prompts (any containing "\n\nHuman:") and none otherwise.
-pub fn resolve_stops(given: &[String], prompts: &[Prompt]) -> Vec<String> {
-    if given.is_empty() {
-        if prompts.iter().any(|p| p.query.contains(HH_HUMAN)) {
-            HH_STOPS.iter().map(|s| s.to_string()).collect()
-        } else {
-            Vec::new()
-        }
-    } else {
-        given.iter().filter(|s| !s.is_empty()).cloned().collect()
-    }
-}
-
-/// The byte offset of the first stop string in `text`, if any.
-pub fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter_map(|s| text.find(s.as_str())).min()
-}
-
-/// `text` cut before its first stop string (trailing whitespace of the kept part dropped); whether it was cut.
-pub fn cut_at_stop(text: &str, stops: &[String]) -> (String, bool) {
-    match first_stop(text, stops) {
-        Some(at) => (text[..at].trim_end().to_string(), true),
-        None => (text.to_string(), false),
-    }
-}
-
-/// The text of `new` as a continuation of `prompt`: the difference of the two decodes, so that a leading space
-/// survives tokenizers that strip it from a lone first token (special tokens skipped).
-fn continuation(
-    tok: &TextTokenizer,
-    prompt: &[u32],
-    prompt_text: &str,
-    new: &[u32],
-) -> Result<String, ModelError> {
-    let full: Vec<u32> = prompt.iter().chain(new).copied().collect();
-    let text = tok.decode(&full, true)?;
-    match text.strip_prefix(prompt_text) {
-        Some(rest) => Ok(rest.to_string()),
-        None => tok.decode(new, true),
-    }
-}
-
-/// Prompt ids left-truncated to `max_len` tokens keeping BOS; whether it was cut.
-pub fn truncate_prompt(ids: Vec<u32>, max_len: usize, bos: Option<u32>) -> (Vec<u32>, bool) {
-    if ids.len() <= max_len {
-        return (ids, false);
-    }
-    (left_truncate_keeping_bos(ids, max_len, bos), true)
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ pub mod command;
 pub mod decode;
 pub mod generate;
 pub mod prompts;
+pub mod settings;
 pub mod strategy_beam;
 pub mod strategy_group;
 pub mod strategy_sample;
+pub mod text;
 
 pub use generate::{
     generate, Decoder, EarlyStopping, GenerateOptions, Generated, Logits, StopCheck, Strategy,
