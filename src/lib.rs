@@ -1,6 +1,11 @@
 //! rrhf: align causal language models with human preferences by ranking responses (Yuan et al. 2023).
 //!
 //! The crate follows the pipeline: `data` → `sample` → `score` → `train` → `eval`, over a `model` layer.
+//!
+//! Imports go one way (README "Layout"; `tools/import_graph.py` checks it): the base modules (`alloc`, `rng`,
+//! `fsutil`, `device`, `progress`, `plot`) import nothing above them; `model` only the base; `data` the base and
+//! `model`; the stages `sample`, `score`, `train` the base, `model`, `data` (and `client`); `eval` also `sample` and
+//! `score`; `iterate`, `bench` and the binary everything.
 
 /// Keeps freed tensor buffers in the process heap: glibc otherwise serves every buffer above 128 KiB (growing to
 /// 32 MiB) with a fresh `mmap` and returns it on free, so each op pays page faults on new memory (≈25% of a CPU

@@ -9,6 +9,8 @@
 //!
 //! The flags are the sampling, reward, training and evaluation flags of `rrhf sample`, `score`, `train` and
 //! `eval`, grouped ([`args`]) and mapped onto those commands' configs in one place each.
+//!
+//! May import: every stage (`sample`, `score`, `train`, `eval`) and everything below them.
 
 pub mod args;
 pub mod ip;

@@ -1,4 +1,11 @@
 //! The model layer: Hugging Face configs and weights, GGUF input, and differentiable causal LM forwards.
+//!
+//! Files: config, weights (safetensors) and pickle (PyTorch `.pt`), gguf/ (GGUF input), load, save, tokenizer, the
+//! architectures (llama, gpt2, gpt_neox, gpt_j, bert), ops (composed primitives) below layers and the fused CPU ops
+//! (`fused*.rs`), causal_lm, recompute (gradient checkpointing), kv_cache + decode_matmul + decode_pool (decoding),
+//! seq_logprob (p_i, Eq. 1), reward (reward-model loading), init, bench (forward benchmark, table format).
+//!
+//! May import: the base modules (`fsutil`, `rng`, `device`) only; never `data` or a stage.
 
 pub mod bench;
 pub mod bert;

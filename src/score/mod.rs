@@ -4,6 +4,8 @@
 //! BERT/DistilBERT classifiers), `judge:URL` (an LLM judge with the Appendix E prompt), `vader` (VADER sentiment),
 //! `policy:DIR` (p_i of a causal LM) and `labels` (the scores already in the data); optionally the KL-penalised
 //! reward R̃ = R − β·(log π(y|x) − log ρ(y|x)).
+//!
+//! May import: `model`, `data`, `client` and the base modules; never another stage.
 
 pub mod args;
 pub mod bench;

@@ -11,6 +11,10 @@
 //!   `rope_scaling = {rope_type: "llama3", …}`;
 //! - `tokenizer.ggml.*` metadata becomes a byte-level BPE `tokenizers::Tokenizer`, built the way
 //!   transformers' `GGUFGPTConverter` builds it, with the pre-tokeniser `tokenizer.ggml.pre` names.
+//!
+//! Files: meta (typed metadata access), config (hyper-parameters, rope scaling), tensors (plan, dequantisation,
+//! un-permute), tokenizer, header_scan (names a tensor whose type candle rejects), tests. May import: the rest of
+//! `model` and the base modules.
 
 use std::collections::HashMap;
 use std::fs::File;
