@@ -1,6 +1,6 @@
 //! CPU kernels of a decoding step, which multiplies a few rows (one token per sequence) by every weight matrix and
 //! is therefore bound by reading the weights: [`step_linear`] / [`matmul_rows`] stream each weight row once, in
-//! place, over the persistent thread pool of [`super::decode_pool`].
+//! place, over the persistent thread pool of `decode_pool`.
 
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
 

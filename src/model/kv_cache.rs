@@ -12,7 +12,7 @@
 //!   with `index_select`, attended with [`layers::attention`] under an explicit `[B, Tq, Tk]` mask.
 //!
 //! The host attention kernel reads the cache in place; the decode matmuls live in [`super::decode_matmul`]
-//! (re-exported here) and the thread pool both use in [`super::decode_pool`].
+//! (re-exported here) and the thread pool both use in `decode_pool`.
 //!
 //! [`layers::attention`]: super::layers::attention
 

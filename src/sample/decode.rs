@@ -60,7 +60,7 @@ pub enum Strategy {
 /// A check on a sequence's new token ids (e.g. stop strings on the decoded text); `true` ends the sequence.
 pub type StopCheck = Arc<dyn Fn(&[u32]) -> bool + Send + Sync>;
 
-/// Options of [`generate`].
+/// Options of [`generate`](super::generate::generate).
 #[derive(Clone)]
 pub struct GenerateOptions {
     pub strategy: Strategy,

@@ -9,12 +9,15 @@
 //! May import: `model`, `data`, `client` and the base modules (`progress` for the progress line); never another
 //! stage.
 
+pub mod args;
 pub mod bench;
 pub mod command;
 pub mod decode;
 pub mod generate;
+pub mod plan;
 pub mod prompts;
 pub mod settings;
+pub mod source;
 pub mod strategy_beam;
 pub mod strategy_group;
 pub mod strategy_sample;
