@@ -419,6 +419,8 @@ fn policy_reward_is_p_i() {
     let models = crate::common::fixtures().join("models");
     let mut cfg = ScoreConfig::new(data, out.clone(), RewardSpec::Policy(models.join("gpt2")));
     cfg.length_penalty = 1.0;
+    // The fixture GPT-2 embeds 64 positions; a longer --max-len is refused.
+    cfg.max_len = 64;
     score(&cfg).unwrap();
     for (g, r) in read_out(&out).iter().zip(&recs) {
         for (x, resp) in g.scores.as_ref().unwrap().iter().zip(&r.responses) {
