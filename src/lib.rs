@@ -19,6 +19,7 @@ pub mod bench;
 pub mod client;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod fsutil;
 pub mod iterate;
