@@ -66,6 +66,7 @@ pub fn rank_with_model(
     m: &LoadedModel,
     device: &Device,
 ) -> Result<RankSummary, TrainError> {
+    m.check_max_len(cfg.records.max_len)?;
     let data = prepare(&cfg.data, &cfg.records, m)?;
     let loss_cfg = LossConfig {
         length_penalty: cfg.length_penalty,

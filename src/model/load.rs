@@ -23,6 +23,23 @@ pub struct LoadedModel {
     pub source: PathBuf,
 }
 
+impl LoadedModel {
+    /// Refuses a `--max-len` longer than the positions a learned-position model (GPT-2) can embed, before any model
+    /// work: the first long record would otherwise fail deep in the embedding with an index error.
+    pub fn check_max_len(&self, max_len: usize) -> Result<()> {
+        match self.model.max_positions() {
+            Some(n) if max_len > n => Err(ModelError::Config {
+                path: self.source.clone(),
+                field: "n_positions".into(),
+                msg: format!(
+                    "the model embeds at most {n} positions but --max-len is {max_len}: pass --max-len {n} or less"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The flags of every command that loads a model: `--model`, `--device`, `--dtype`.
 #[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct ModelArgs {

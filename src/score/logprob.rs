@@ -48,6 +48,7 @@ pub fn sequence_logprobs(
     opts: &LogprobOptions,
     device: &Device,
 ) -> Result<SeqLogprobs, ModelError> {
+    m.check_max_len(opts.tokenize.max_len)?;
     let mut out = SeqLogprobs {
         logp: Vec::with_capacity(records.len()),
         n_tokens: Vec::with_capacity(records.len()),

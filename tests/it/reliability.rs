@@ -490,6 +490,50 @@ fn max_len_beyond_model_positions_is_refused() {
 }
 
 #[test]
+fn rank_and_policy_score_refuse_max_len_beyond_gpt2_positions() {
+    let tmp = scratch("maxlen-rank");
+    // A record longer than the fixture GPT-2's 64 positions: before the check this failed deep in the embedding.
+    let data = tmp.join("long.jsonl");
+    let query = "Human: tell me a long story about the sea and the ships ".repeat(8);
+    let rec = serde_json::json!({"query": query, "responses": [" once upon a time", " no"], "scores": [1.0, 0.0]});
+    std::fs::write(&data, format!("{rec}\n")).unwrap();
+    let model = fixtures().join("models").join("gpt2");
+    let rank_out = tmp.join("rank.jsonl");
+    let score_out = tmp.join("score.jsonl");
+    let reward = format!("policy:{}", model.display());
+    for (cmd, out) in [
+        (
+            bin()
+                .args(["rank", "--model"])
+                .arg(&model)
+                .arg("--data")
+                .arg(&data)
+                .arg("--output")
+                .arg(&rank_out)
+                .args(["--max-len", "512"]),
+            &rank_out,
+        ),
+        (
+            bin()
+                .args(["score", "--reward", &reward, "--data"])
+                .arg(&data)
+                .arg("--output")
+                .arg(&score_out)
+                .args(["--max-len", "512"]),
+            &score_out,
+        ),
+    ] {
+        let err = run_err(cmd);
+        assert!(
+            err.contains("n_positions") && err.contains("--max-len 64 or less"),
+            "{err}"
+        );
+        assert!(!out.exists(), "nothing may be written");
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
 fn empty_query_with_bosless_tokenizer_is_refused_with_its_line() {
     let tmp = scratch("empty-query");
     let model = copy_model("gpt2", &tmp.join("model"));
