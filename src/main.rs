@@ -386,7 +386,11 @@ fn main() {
         }
     };
     let comm = rrhf::dist::world();
-    let parallel_ok = matches!(cli.command, Command::Train(_));
+    // Commands with a parallel version (data-parallel training, sharded sampling and scoring).
+    let parallel_ok = matches!(
+        cli.command,
+        Command::Train(_) | Command::Sample(_) | Command::Score(_)
+    );
     let result = match parallel_ok {
         false if comm.is_parallel() => comm
             .require_single(cli.command.name())
@@ -444,7 +448,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Sample(cfg) => {
             let s = sample(&cfg)?;
-            eprintln!("{s}");
+            if rrhf::dist::world().is_root() {
+                eprintln!("{s}");
+            }
             Ok(())
         }
         Command::Score(cfg) => Ok(rrhf::score::command::run_cli(&cfg)?),

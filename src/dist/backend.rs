@@ -49,9 +49,9 @@ pub(super) fn all_gather_f64(local: &[f64], size: usize) -> Vec<f64> {
     out
 }
 
-pub(super) fn broadcast_bytes(bytes: &mut Vec<u8>) {
+pub(super) fn broadcast_bytes(root: usize, bytes: &mut Vec<u8>) {
     let w = world();
-    let root = w.process_at_rank(0);
+    let root = w.process_at_rank(root as i32);
     // The length first, so the other ranks can size their buffer.
     let mut len = [bytes.len() as u64];
     root.broadcast_into(&mut len[..]);

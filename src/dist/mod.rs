@@ -297,16 +297,33 @@ impl Comm {
         }
     }
 
-    /// Rank 0's `bytes` on every rank (any length; the other ranks' contents are replaced).
-    pub fn broadcast_bytes(&self, what: &'static str, bytes: &mut Vec<u8>) {
+    /// Rank `root`'s `bytes` on every rank (any length; the other ranks' contents are replaced).
+    pub fn broadcast_bytes(&self, what: &'static str, root: usize, bytes: &mut Vec<u8>) {
         if !self.is_parallel() {
             return;
         }
         let n = bytes.len();
         self.collective(what, n, || {
             #[cfg(feature = "mpi")]
-            backend::broadcast_bytes(bytes);
+            backend::broadcast_bytes(root, bytes);
+            #[cfg(not(feature = "mpi"))]
+            let _ = root;
         })
+    }
+
+    /// Every rank's `mine`, in rank order, on every rank (one broadcast per rank).
+    pub fn all_gather_bytes(&self, what: &'static str, mine: &[u8]) -> Vec<Vec<u8>> {
+        (0..self.size)
+            .map(|r| {
+                let mut buf = if r == self.rank {
+                    mine.to_vec()
+                } else {
+                    Vec::new()
+                };
+                self.broadcast_bytes(what, r, &mut buf);
+                buf
+            })
+            .collect()
     }
 
     /// Waits until every rank has arrived.
@@ -326,7 +343,7 @@ impl Comm {
             return Ok(());
         }
         let mut root = value.as_bytes().to_vec();
-        self.broadcast_bytes(what, &mut root);
+        self.broadcast_bytes(what, 0, &mut root);
         let differs = f64::from(u8::from(root != value.as_bytes()));
         let flags = self.all_gather_f64(what, &[differs]);
         match flags.iter().position(|&d| d != 0.0) {

@@ -1,13 +1,12 @@
 //! Sharded `rrhf sample` and `rrhf score` under mpirun: work is dealt to ranks in whole blocks (rank r takes blocks
 //! r, r + N, …, by absolute position in the input, so a resumed run deals exactly as the first one), each rank writes
-//! its own part file next to the output (`OUTPUT.rank{r}-of-{N}`, which `--resume` continues), and rank 0 merges
-//! the parts into OUTPUT in input order. Since blocks are the commands' own batches, every record is computed in
-//! the same batch as in one process, so the merged file equals one process's byte for byte (greedy sampling,
-//! scoring). The parts live on the file system: under several nodes, OUTPUT must be on a shared one.
+//! its own part file next to the output (`OUTPUT.rank{r}-of-{N}`, which `--resume` continues), and the ranks send
+//! their parts to each other over MPI, so rank 0 writes OUTPUT merged in input order (no shared file system
+//! needed). Since blocks are the commands' own batches, every record is computed in the same batch as in one
+//! process, so the merged file equals one process's byte for byte (greedy sampling, scoring).
 
 use std::path::{Path, PathBuf};
 
-use crate::data::readers::{read_records, InputFormat, PromptTemplate, ReadOptions};
 use crate::data::{DataError, Record};
 
 use super::Comm;
@@ -51,79 +50,98 @@ impl Shard {
         block % self.size == self.rank
     }
 
-    /// After every rank wrote its part: the records of rank `r`'s part, for each rank (all of them, in rank
-    /// order). Waits for every rank first.
-    fn read_parts(&self, comm: &Comm) -> Result<Vec<Vec<Record>>, DataError> {
-        comm.barrier("waiting for every rank's part");
-        (0..self.size)
-            .map(|r| read_part(&part_path(&self.output, r, self.size)))
-            .collect()
-    }
-
-    /// `rrhf sample`: the merged records, in input order, from parts whose records follow block order; block `b`
-    /// (owned by rank b mod N) holds `block_sizes[b]` records. Every rank gets the result; rank 0 writes it.
-    pub fn merge_blocks(
+    /// `rrhf sample`: the merged output text, in input order, from every rank's part text (`mine`: this rank's,
+    /// one record per line in block order). Block `b` (rank b mod N's) holds `block_sizes[b]` records. The lines
+    /// travel as bytes, so the merge is exactly the records one process writes. Every rank gets the result.
+    pub fn merge_lines(
         &self,
         comm: &Comm,
+        mine: &[u8],
         block_sizes: &[usize],
-    ) -> Result<Vec<Record>, DataError> {
-        let parts = self.read_parts(comm)?;
+    ) -> Result<Vec<u8>, DataError> {
+        let parts = comm.all_gather_bytes("the exchange of the ranks' parts", mine);
+        let lines: Vec<Vec<&[u8]>> = parts
+            .iter()
+            .map(|p| p.split_inclusive(|&c| c == b'\n').collect())
+            .collect();
         let mut next = vec![0usize; self.size];
-        let mut merged = Vec::with_capacity(block_sizes.iter().sum());
+        let mut merged = Vec::with_capacity(parts.iter().map(Vec::len).sum());
         for (b, &k) in block_sizes.iter().enumerate() {
             let r = b % self.size;
-            let take = parts[r].get(next[r]..next[r] + k).ok_or_else(|| {
-                part_mismatch(
-                    &part_path(&self.output, r, self.size),
-                    format!(
-                        "it holds {} records, fewer than its share of the input",
-                        parts[r].len()
-                    ),
+            let take = lines[r].get(next[r]..next[r] + k).ok_or_else(|| {
+                self.mismatch(
+                    r,
+                    format!("{} records, fewer than its share", lines[r].len()),
                 )
             })?;
-            merged.extend_from_slice(take);
+            take.iter().for_each(|l| merged.extend_from_slice(l));
             next[r] += k;
         }
-        for (r, part) in parts.iter().enumerate() {
-            if part.len() != next[r] {
-                return Err(part_mismatch(
-                    &part_path(&self.output, r, self.size),
-                    format!(
-                        "it holds {} records where its share of the input is {}",
-                        part.len(),
-                        next[r]
-                    ),
-                ));
+        for (r, l) in lines.iter().enumerate() {
+            if l.len() != next[r] {
+                return Err(
+                    self.mismatch(r, format!("{} records for a share of {}", l.len(), next[r]))
+                );
             }
         }
         Ok(merged)
     }
 
-    /// `rrhf score`: `records` (the whole input, this rank's share scored) with every other rank's scores filled
-    /// in from its part (each part holds every record, scored or not, in input order). Every rank gets the result.
-    pub fn merge_scores(&self, comm: &Comm, records: &mut [Record]) -> Result<(), DataError> {
-        let parts = self.read_parts(comm)?;
-        for (r, part) in parts.iter().enumerate() {
-            let path = part_path(&self.output, r, self.size);
-            if part.len() != records.len() {
-                return Err(part_mismatch(
-                    &path,
-                    format!("{} records for {} in the input", part.len(), records.len()),
-                ));
+    /// `rrhf score`: fills in `records` (the whole input, this rank's blocks of `block` records scored) with the
+    /// scores every other rank computed for its blocks. Scores travel as f64 bits, not through JSON text, so they
+    /// are exactly the other rank's values.
+    pub fn merge_scores(
+        &self,
+        comm: &Comm,
+        records: &mut [Record],
+        block: usize,
+    ) -> Result<(), DataError> {
+        let block = block.max(1);
+        // Per scored record of this rank: index, count, the scores.
+        let mut mine: Vec<u8> = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            if let (true, Some(s)) = (self.owns(i / block), &r.scores) {
+                mine.extend((i as u64).to_le_bytes());
+                mine.extend((s.len() as u64).to_le_bytes());
+                s.iter().for_each(|x| mine.extend(x.to_le_bytes()));
             }
-            for (i, (mine, theirs)) in records.iter_mut().zip(part).enumerate() {
-                if mine.query != theirs.query || mine.responses != theirs.responses {
-                    return Err(part_mismatch(
-                        &path,
-                        format!("its record {} is not input record {}", i + 1, i + 1),
+        }
+        let parts = comm.all_gather_bytes("the exchange of the ranks' scores", &mine);
+        for (r, part) in parts.iter().enumerate() {
+            let words: Vec<u64> = part
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+                .collect();
+            let mut at = 0;
+            while at + 2 <= words.len() {
+                let (i, n) = (words[at] as usize, words[at + 1] as usize);
+                let scores = words.get(at + 2..at + 2 + n);
+                let (Some(rec), Some(scores)) = (records.get_mut(i), scores) else {
+                    return Err(self.mismatch(
+                        r,
+                        format!("scores for record {} of {}", i + 1, records.len()),
                     ));
+                };
+                if r != self.rank {
+                    rec.scores = Some(scores.iter().map(|&w| f64::from_bits(w)).collect());
                 }
-                if mine.scores.is_none() {
-                    mine.scores.clone_from(&theirs.scores);
-                }
+                at += 2 + n;
             }
         }
         Ok(())
+    }
+
+    /// The error for a rank whose share does not fit this rank's view of the input.
+    fn mismatch(&self, rank: usize, what: String) -> DataError {
+        DataError::invalid(
+            part_path(&self.output, rank, self.size),
+            None,
+            None,
+            format!(
+                "rank {rank} sent {what}: the ranks read different inputs; every rank must see the same files and \
+                 flags"
+            ),
+        )
     }
 }
 
@@ -135,36 +153,6 @@ pub fn part_path(output: &Path, rank: usize, size: usize) -> PathBuf {
     let mut name = output.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".rank{rank}-of-{size}"));
     output.with_file_name(name)
-}
-
-/// A part's records (an empty or missing part is none: a rank may own no block).
-fn read_part(path: &Path) -> Result<Vec<Record>, DataError> {
-    if !path.exists() {
-        return Err(part_mismatch(path, "it is missing".into()));
-    }
-    let opts = ReadOptions {
-        format: InputFormat::Rrhf,
-        prompt_template: PromptTemplate::None,
-        skip_invalid: false,
-        require_scores: false,
-    };
-    match read_records(path, &opts) {
-        Ok(r) => Ok(r.records),
-        Err(DataError::Empty(_)) => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
-}
-
-fn part_mismatch(path: &Path, why: String) -> DataError {
-    DataError::invalid(
-        path,
-        None,
-        None,
-        format!(
-            "cannot merge this rank's part: {why}; it was written by another run (delete the .rank*-of-* parts and \
-             run again, or --resume with the same world size and flags)"
-        ),
-    )
 }
 
 #[cfg(test)]
