@@ -298,6 +298,8 @@ impl Comm {
     }
 
     /// Rank `root`'s `bytes` on every rank (any length; the other ranks' contents are replaced).
+    // A Vec, not a slice: the MPI build resizes it to the root's length.
+    #[cfg_attr(not(feature = "mpi"), allow(clippy::ptr_arg))]
     pub fn broadcast_bytes(&self, what: &'static str, root: usize, bytes: &mut Vec<u8>) {
         if !self.is_parallel() {
             return;
