@@ -47,10 +47,12 @@ pub fn grad_digest(grads: &[Tensor]) -> Result<(f64, String)> {
     let mut sq = 0f64;
     for g in grads {
         let v = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut bytes = Vec::with_capacity(v.len() * 4);
         for x in &v {
             sq += f64::from(*x) * f64::from(*x);
-            crc.update(&x.to_le_bytes());
+            bytes.extend_from_slice(&x.to_le_bytes());
         }
+        crc.update(&bytes);
     }
     Ok((sq.sqrt(), format!("{:08x}", crc.sum())))
 }

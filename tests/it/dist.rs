@@ -209,6 +209,53 @@ fn two_ranks_train_like_one_process_with_twice_the_accumulation() {
     }
 }
 
+#[test]
+fn a_nonfinite_loss_on_one_rank_is_skipped_by_all_like_one_process() {
+    // The first micro-batch of step 2 (rank 0's) gets a NaN loss; rank 1's are fine. Every rank must skip the step,
+    // blaming the same records as one process does, and go on identically.
+    let Some(launcher) = mpirun(2) else { return };
+    let tmp = temp_dir();
+    let (one, two) = (tmp.join("one"), tmp.join("two"));
+    let flags = ["--max-steps", "4", "--skip-nonfinite", "1"];
+    let mut single = train_cmd(&one, &flags);
+    single
+        .args(["--grad-accum", "4"])
+        .env("RRHF_FAULT_NAN_AT_STEP", "2");
+    let (out, _) = run_within(&mut single, Duration::from_secs(300));
+    ok(&out);
+    let mut ranks = train_cmd(&two, &flags);
+    ranks.args(["--grad-accum", "2"]);
+    let mut job = under(launcher, &ranks, &[("RRHF_FAULT_NAN_AT_STEP", "2")]);
+    let (out, _) = run_within(&mut job, Duration::from_secs(300));
+    ok(&out);
+    let skipped = |dir: &Path| -> Vec<Value> {
+        metrics(dir)
+            .into_iter()
+            .filter(|v| v.get("nonfinite").is_some())
+            .map(|v| json_pick(&v, &["step", "nonfinite", "records", "skipped_nonfinite"]))
+            .collect()
+    };
+    let (sa, sb) = (skipped(&one), skipped(&two));
+    assert_eq!(sa.len(), 1, "{sa:?}");
+    assert_eq!(sa, sb, "the skipped step differs");
+    let (a, b) = (train_losses(&one), train_losses(&two));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs(),
+            "loss {y} with 2 ranks, {x} with one"
+        );
+    }
+}
+
+/// The `keys` of a JSON object.
+fn json_pick(v: &Value, keys: &[&str]) -> Value {
+    keys.iter()
+        .map(|k| (k.to_string(), v[k].clone()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 /// Tokens of the first logged step of a run.
 fn m_tokens(dir: &Path) -> Value {
     metrics(dir)
