@@ -115,6 +115,7 @@ pub fn init() -> Result<Guard, DistError> {
     };
     #[cfg(feature = "mpi")]
     {
+        share_cores();
         let (universe, rank, n) = backend::init().ok_or(DistError::Init { var, size })?;
         let _ = WORLD.set(Comm::new(rank, n, true));
         if n > 1 {
@@ -131,6 +132,27 @@ pub fn init() -> Result<Guard, DistError> {
             return Ok(Guard {});
         }
         Err(DistError::NotBuilt { var, size })
+    }
+}
+
+/// Ranks on one machine share its cores: unless `RAYON_NUM_THREADS` says otherwise, each rank's thread pool takes
+/// its share of them, since N ranks each starting a thread per core oversubscribe the machine N-fold. Runs before
+/// MPI (and any other thread) starts.
+#[cfg(feature = "mpi")]
+fn share_cores() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let local = [
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "PMIX_LOCAL_SIZE",
+    ]
+    .into_iter()
+    .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok());
+    if let Some(local) = local.filter(|&n| n > 1) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", (cores / local).max(1).to_string());
     }
 }
 
