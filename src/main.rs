@@ -608,7 +608,7 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
             BenchCommand::Optim { iters } => {
-                let (fused, candle) = rrhf::train::optim::bench_adamw(45_000_000, iters)?;
+                let (fused, candle) = rrhf::train::bench::bench_adamw(45_000_000, iters)?;
                 println!("rrhf bench optim: AdamW step on 45M f32 parameters (CPU)");
                 println!("{:<24} {:>12}", "optimizer", "s/step");
                 println!("{:<24} {:>12.4}", "rrhf fused AdamW", fused);

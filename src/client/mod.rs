@@ -2,6 +2,8 @@
 //! server, TGI, OpenAI. Timeouts, retries with exponential back-off on 429 / 5xx / timeouts / connection errors,
 //! an API key from an environment variable, counters of requests and retries, and bounded concurrency through
 //! [`map_concurrent`] (plain threads: the client is `Clone + Send + Sync`).
+//!
+//! May import: the base modules only.
 
 mod error;
 mod pool;

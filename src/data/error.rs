@@ -40,6 +40,12 @@ pub enum DataError {
     /// The file holds no records.
     #[error("{0}: the file holds no records")]
     Empty(PathBuf),
+    /// Options that cannot describe the data (e.g. `--max-len` beyond the model's positions).
+    #[error("{0}")]
+    Config(String),
+    /// Tokenising a record failed.
+    #[error(transparent)]
+    Tokenize(#[from] crate::model::ModelError),
 }
 
 impl From<crate::fsutil::FsError> for DataError {

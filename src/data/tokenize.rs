@@ -1,6 +1,7 @@
 //! Tokenisation of records (design.md, "Tokenisation"): query and responses separately, EOS on responses, no
 //! BOS inside, truncation to `max_len` that keeps the query's end and cuts responses on the right.
 
+use crate::model::tokenizer::left_truncate_keeping_bos;
 use crate::model::{ModelError, TextTokenizer};
 
 use super::record::Record;
@@ -79,14 +80,7 @@ pub fn tokenize_record(
     let mut query_truncated = false;
     if query.len() > opts.max_query_len {
         query_truncated = true;
-        let keep_bos = tok.bos_id.is_some() && query.first() == tok.bos_id.as_ref();
-        let tail_len = opts.max_query_len - usize::from(keep_bos);
-        let tail = query[query.len() - tail_len..].to_vec();
-        query = if keep_bos {
-            std::iter::once(query[0]).chain(tail).collect()
-        } else {
-            tail
-        };
+        query = left_truncate_keeping_bos(query, opts.max_query_len, tok.bos_id);
     }
     let budget = opts.max_len - query.len();
     let mut responses = Vec::with_capacity(rec.responses.len());

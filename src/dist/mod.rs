@@ -10,6 +10,11 @@
 //! Every collective runs under a watchdog ([`Comm::set_collective_timeout`]): a rank that waits longer than the
 //! timeout for the others (one died, hangs, or lost its network) ends the whole job with an error instead of
 //! hanging it forever.
+//!
+//! Files: mod.rs (Comm, init), backend.rs (the MPI calls, feature `mpi`), grads.rs (gradient all-reduce and
+//! digest), shard.rs (sharded sample/score parts and their merge).
+//!
+//! May import: `data` (the records of sharded parts) and the base modules; never a stage.
 
 #[cfg(feature = "mpi")]
 mod backend;

@@ -28,10 +28,9 @@ use crate::score::args::RewardArgs;
 use crate::score::command::RewardFn;
 use crate::score::stats::reward_stats;
 use crate::score::{RewardSpec, ScoreConfig, ScoreError};
-use crate::train::trainer::TrainError;
 
 use super::perplexity::{response_nlls, summarize, PplContext, ResponseNll};
-use super::rank::{rank_with_model, RankConfig};
+use super::rank::{rank_with_model, RankConfig, RankError};
 use super::report::{mean_std_se, GenerationLine, ModelReport, Report, TrainDataReport};
 
 /// Flags of `rrhf eval`.
@@ -135,6 +134,9 @@ pub enum EvalError {
     /// A model that cannot be loaded or run.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The report could not be written.
+    #[error(transparent)]
+    Report(#[from] super::report::ReportError),
     // The cause is part of the message, not a `source` (which would print it a second time in the chain).
     /// The reward could not be loaded, or failed while scoring.
     #[error("--reward {spec}: {cause}")]
@@ -152,7 +154,7 @@ pub enum EvalError {
     #[error("{model}: --pairs: {cause}")]
     Rank {
         model: PathBuf,
-        cause: Box<TrainError>,
+        cause: Box<RankError>,
     },
     /// Flags that do not fit together, or input that cannot be used.
     #[error("{0}")]

@@ -10,12 +10,13 @@ use serde_json::json;
 
 use crate::data::args::RecordArgs;
 use crate::data::batch::{build_batch, Layout};
+use crate::data::prepare::prepare;
 use crate::data::tokenize::TokenizedRecord;
+use crate::data::DataError;
 use crate::fsutil::write_atomic;
 use crate::model::load::ModelArgs;
+use crate::model::seq_logprob::seq_logprob_norm;
 use crate::model::{LoadedModel, ModelError};
-use crate::train::loss::{rrhf_loss, LossConfig};
-use crate::train::trainer::{prepare, TrainError};
 
 /// Flags of `rrhf rank`.
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -54,8 +55,29 @@ pub struct RankSummary {
     pub accuracy: Option<f64>,
 }
 
+/// An error of `rrhf rank`: reading the records or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum RankError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+}
+
+impl From<crate::fsutil::FsError> for RankError {
+    fn from(e: crate::fsutil::FsError) -> Self {
+        RankError::Model(e.into())
+    }
+}
+
+impl From<candle_core::Error> for RankError {
+    fn from(e: candle_core::Error) -> Self {
+        RankError::Model(ModelError::Candle(e))
+    }
+}
+
 /// Runs `rrhf rank`.
-pub fn rank(cfg: &RankConfig) -> Result<RankSummary, TrainError> {
+pub fn rank(cfg: &RankConfig) -> Result<RankSummary, RankError> {
     let (m, device) = cfg.model.load()?;
     rank_with_model(cfg, &m, &device)
 }
@@ -65,38 +87,39 @@ pub fn rank_with_model(
     cfg: &RankConfig,
     m: &LoadedModel,
     device: &Device,
-) -> Result<RankSummary, TrainError> {
+) -> Result<RankSummary, RankError> {
     m.check_max_len(cfg.records.max_len)?;
     let data = prepare(&cfg.data, &cfg.records, m)?;
-    let loss_cfg = LossConfig {
-        length_penalty: cfg.length_penalty,
-        ..LossConfig::default()
-    };
     let mut out = Vec::new();
     let (mut pairs, mut right) = (0usize, 0usize);
     for chunk in data.records.chunks(cfg.batch_queries.max(1)) {
         let refs: Vec<&TokenizedRecord> = chunk.iter().collect();
         let batch = build_batch(&refs, cfg.layout, m.tokenizer.pad_id, device)?;
         let lp = m.model.label_logprobs(&batch.input, &batch.labels)?;
-        let scores: Vec<Vec<f64>> = chunk.iter().map(|r| r.scores.clone()).collect();
-        let res = rrhf_loss(
+        let (logp, p) = seq_logprob_norm(
             &lp,
             &batch.response_of_label,
             &batch.n_tokens,
-            &scores,
-            &loss_cfg,
+            cfg.length_penalty,
         )?;
-        for ((q, ns), s) in res.queries.iter().zip(&batch.n_tokens).zip(&scores) {
-            for i in 0..s.len() {
-                for j in 0..s.len() {
+        let (logp, p) = (logp.to_vec1::<f32>()?, p.to_vec1::<f32>()?);
+        let mut off = 0;
+        for (ns, r) in batch.n_tokens.iter().zip(chunk) {
+            let s = &r.scores;
+            let k = s.len();
+            let p_q: Vec<f64> = p[off..off + k].iter().map(|&x| x as f64).collect();
+            let logp_q: Vec<f64> = logp[off..off + k].iter().map(|&x| x as f64).collect();
+            for i in 0..k {
+                for j in 0..k {
                     if s[i] < s[j] {
                         pairs += 1;
-                        right += usize::from(q.p[i] < q.p[j]);
+                        right += usize::from(p_q[i] < p_q[j]);
                     }
                 }
             }
-            let line = json!({"p": q.p, "logp_sum": q.logp, "n_tokens": ns});
+            let line = json!({"p": p_q, "logp_sum": logp_q, "n_tokens": ns});
             writeln!(out, "{line}").map_err(|e| ModelError::io(&cfg.output, e))?;
+            off += k;
         }
     }
     write_atomic(&cfg.output, &out)?;

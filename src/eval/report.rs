@@ -1,15 +1,30 @@
 //! The outputs of `rrhf eval`: `report.json`, `report.md` (one row per model in the layout of the paper's Tables 2
 //! and 6), `generations.jsonl` and `eval.png`, each written atomically (temporary file + rename).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::fsutil::write_atomic;
-use crate::model::ModelError;
+use crate::fsutil::FsError;
+use crate::plot::PlotError;
+use crate::plot::{plot_bars, BarSeries};
 use crate::score::stats::RewardStats;
-use crate::train::plot::{plot_bars, BarSeries};
+
+/// An error while writing the report's files.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// A file (or its directory) could not be written.
+    #[error(transparent)]
+    Io(#[from] FsError),
+    /// A value could not be serialised.
+    #[error("{path}: {msg}")]
+    Json { path: PathBuf, msg: String },
+    /// The chart could not be drawn or written.
+    #[error(transparent)]
+    Plot(#[from] PlotError),
+}
 
 /// The metrics of one evaluated model (one row of the report).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,7 +240,7 @@ impl Report {
 
     /// `eval.png`: average reward (± standard error; best-of-n beside it) per model, then perplexity and RM
     /// accuracy when measured.
-    pub fn plot(&self, path: &Path, reward: &str) -> Result<(), ModelError> {
+    pub fn plot(&self, path: &Path, reward: &str) -> Result<(), PlotError> {
         let per_model = |f: &dyn Fn(&ModelReport) -> Option<f64>| -> Vec<Option<f64>> {
             self.models.iter().map(f).collect()
         };
@@ -268,8 +283,8 @@ impl Report {
         dir: &Path,
         generations: &[GenerationLine],
         reward: &str,
-    ) -> Result<(), ModelError> {
-        let json_err = |path: &Path, e: serde_json::Error| ModelError::Json {
+    ) -> Result<(), ReportError> {
+        let json_err = |path: &Path, e: serde_json::Error| ReportError::Json {
             path: path.to_path_buf(),
             msg: e.to_string(),
         };
@@ -284,7 +299,7 @@ impl Report {
         let text = serde_json::to_string_pretty(self).map_err(|e| json_err(&json_path, e))?;
         write_atomic(&json_path, format!("{text}\n").as_bytes())?;
         write_atomic(&dir.join("report.md"), self.markdown().as_bytes())?;
-        self.plot(&dir.join("eval.png"), reward)
+        Ok(self.plot(&dir.join("eval.png"), reward)?)
     }
 }
 

@@ -9,6 +9,8 @@
 //!
 //! The flags are the sampling, reward, training and evaluation flags of `rrhf sample`, `score`, `train` and
 //! `eval`, grouped ([`args`]) and mapped onto those commands' configs in one place each.
+//!
+//! May import: every stage (`sample`, `score`, `train`, `eval`) and everything below them.
 
 pub mod args;
 pub mod ip;
@@ -146,6 +148,9 @@ pub enum IterateError {
         stage: &'static str,
         cause: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A plot could not be drawn or written.
+    #[error(transparent)]
+    Plot(#[from] crate::plot::PlotError),
     /// Training stopped (a non-finite loss or gradient, a refused output or resume).
     #[error(transparent)]
     Train(#[from] TrainError),
@@ -202,7 +207,7 @@ fn check_common(cfg: &IterateConfig) -> Result<(), IterateError> {
         .map_err(IterateError::Config)?;
     // --max-len against the model's positions, before any model work (GGUF files are checked when loaded).
     if let Some(config) = crate::train::trainer::config_of(&cfg.model.model) {
-        crate::train::trainer::check_max_len(cfg.records.max_len, &config, &cfg.model.model)?;
+        crate::data::prepare::check_max_len(cfg.records.max_len, &config, &cfg.model.model)?;
     }
     Ok(())
 }

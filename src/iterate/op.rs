@@ -19,12 +19,14 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::data::prepare::check_max_len;
 use crate::data::readers::{read_records, InputFormat, PromptTemplate, ReadOptions};
 use crate::data::tokenize::{tokenize_record, TokenizedRecord};
 use crate::data::{DataError, Record};
 use crate::fsutil::{write_atomic, write_atomic_with};
 use crate::model::save::link_pretrained;
 use crate::model::{load_model, CausalLm, LoadedModel, Weights};
+use crate::plot::{plot_curves, Series};
 use crate::rng::Rng;
 use crate::sample::command::sample_with_model;
 use crate::sample::prompts::{read_prompts, Prompt};
@@ -37,11 +39,10 @@ use crate::train::log::{read_metrics, MetricsLog};
 use crate::train::loss::LossConfig;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::output::{latest_checkpoint, previous_run};
-use crate::train::plot::{plot_curves, Series};
 use crate::train::schedule::{lr_at, warmup_steps};
 use crate::train::trainer::{
-    check_finite_weights, check_max_len, check_same_run, config_of, data_fingerprint, epoch_seed,
-    fault_nan_at, nonfinite_error, optimizer_step, run_fingerprint, StepOutcome, TrainError,
+    check_finite_weights, check_same_run, config_of, data_fingerprint, epoch_seed, fault_nan_at,
+    nonfinite_error, optimizer_step, run_fingerprint, StepOutcome, TrainError,
 };
 
 use super::{check_common, stage_err, stop_hook, IterateConfig, IterateError};

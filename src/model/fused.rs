@@ -332,14 +332,14 @@ impl CustomOp2 for LabelLogProbGrad {
 
 /// Log-probabilities `[N]` of `labels` under `logits` `[N, V]`: fused on CPU f32, composed elsewhere.
 pub fn label_logprobs(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
-    if super::layers::fused_ok(&[logits]) {
+    if super::ops::fused_ok(&[logits]) {
         let logits = logits.contiguous()?;
         return Ok(logits.apply_op1(LabelLogProb {
             labels: Arc::new(labels.to_vec()),
         })?);
     }
     let ids = Tensor::new(labels, logits.device())?.unsqueeze(1)?;
-    Ok(super::layers::log_softmax(logits)?
+    Ok(super::ops::log_softmax(logits)?
         .gather(&ids, 1)?
         .squeeze(1)?)
 }

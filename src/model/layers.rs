@@ -12,45 +12,9 @@ use super::fused::{self, HostMask};
 use super::fused_attention::{span_attention, KeySpans};
 use super::fused_elementwise::{self, RopeTables};
 use super::fused_linear;
-
-thread_local! {
-    /// Set by [`with_composed_ops`]: the fused CPU ops are bypassed on this thread.
-    static COMPOSED_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` with every fused CPU op replaced by its composed path — the one CUDA and half-precision inputs take —
-/// on this thread, so tests can check on the CPU that the two paths agree (values and gradients). Only the forward
-/// needs to run inside: each op's backward is fixed when the forward records it.
-pub fn with_composed_ops<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            COMPOSED_ONLY.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(COMPOSED_ONLY.with(|c| c.replace(true)));
-    f()
-}
-
-/// Whether the fused CPU kernels (f32, host memory, with their own backward) may run on these tensors: elsewhere
-/// (CUDA, bf16/f16, f64) the composed candle ops are used, which have a backward on every device.
-pub(crate) fn fused_ok(xs: &[&Tensor]) -> bool {
-    !COMPOSED_ONLY.with(|c| c.get())
-        && xs
-            .iter()
-            .all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
-}
-
-/// The dtype that norms, softmax and scores are computed in: f32 for half types, else the input's own.
-fn upcast(x: &Tensor) -> Result<Tensor> {
-    Ok(match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-        _ => x.clone(),
-    })
-}
-
-/// Large finite negative added to masked attention scores: −inf would turn a fully masked row into NaN.
-pub const MASK_NEG: f32 = -1.0e9;
+pub(crate) use super::ops::fused_ok;
+pub use super::ops::{log_softmax, with_composed_ops, MASK_NEG};
+use super::ops::{softmax, upcast};
 
 /// A dense layer as a forward applies it (`Linear::forward`, or a decoding kernel for a few rows).
 pub type Dense<'a> = dyn Fn(&Linear, &Tensor) -> Result<Tensor> + 'a;
@@ -175,24 +139,6 @@ pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
         return Ok(fused_elementwise::swiglu(gate, up)?);
     }
     Ok((activate(gate, act)? * up)?)
-}
-
-/// `log_softmax` over the last dimension (in f32 for half types). The max shift is detached: it cancels in the result and its
-/// backward would only cost time.
-pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    let x = upcast(x)?;
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
-}
-
-/// Softmax over the last dimension, differentiable.
-fn softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&s)?)
 }
 
 /// Inverse rotary frequencies `[rotary_dim / 2]`, with transformers' rope scaling rules.

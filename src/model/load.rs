@@ -70,7 +70,8 @@ pub fn is_gguf(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-fn read_json_opt(path: &Path) -> Result<Option<Value>> {
+/// A JSON file's value, `None` when the file does not exist.
+pub(crate) fn read_json_opt(path: &Path) -> Result<Option<Value>> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)

@@ -150,3 +150,19 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 }
+
+/// Left truncation keeping BOS: the last `max_len` ids, with a leading `bos` kept in front of them when `ids`
+/// starts with it (prompts, queries and reward-model inputs cut from the left); `ids` unchanged when it fits.
+pub fn left_truncate_keeping_bos(ids: Vec<u32>, max_len: usize, bos: Option<u32>) -> Vec<u32> {
+    if ids.len() <= max_len {
+        return ids;
+    }
+    let keep_bos = bos.is_some() && ids.first() == bos.as_ref();
+    let tail_len = max_len - usize::from(keep_bos);
+    let mut out = Vec::with_capacity(max_len);
+    if keep_bos {
+        out.push(ids[0]);
+    }
+    out.extend_from_slice(&ids[ids.len() - tail_len..]);
+    out
+}

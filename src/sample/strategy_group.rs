@@ -13,7 +13,7 @@
 use crate::model::error::Result;
 use crate::model::CausalLm;
 
-use super::generate::{
+use super::decode::{
     hits_stop, log_softmax_into, Decoder, EarlyStopping, GenerateOptions, Generated, TopK,
 };
 

@@ -5,7 +5,7 @@ use crate::model::error::{ModelError, Result};
 use crate::model::CausalLm;
 use crate::rng::Rng;
 
-use super::generate::{hits_stop, logsumexp, Decoder, GenerateOptions, Generated};
+use super::decode::{hits_stop, logsumexp, Decoder, GenerateOptions, Generated};
 
 /// transformers' sampling warpers in their order: `TemperatureLogitsWarper`, `TopKLogitsWarper`,
 /// `TopPLogitsWarper` (`min_tokens_to_keep = 1`), then softmax.

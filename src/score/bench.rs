@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::bench::{BenchRow, ForwardBench};
 use crate::device::{DTypeSpec, DeviceSpec};
+use crate::model::bench::{BenchRow, ForwardBench};
 use crate::model::init::random_weights;
 use crate::model::reward::causal_head_logits;
 use crate::model::{CausalLm, ModelError};

@@ -7,7 +7,6 @@
 //! before.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use crate::device::{DTypeSpec, DeviceSpec};
 use crate::dist::{self, shard::Shard};
 use crate::model::reward::{load_reward_model, RewardLoadOptions};
 use crate::model::{load_model, LoadedModel};
+use crate::progress::Progress;
 
 use super::judge::Judge;
 use super::logprob::{sequence_logprobs, LogprobOptions};
@@ -515,56 +515,6 @@ impl RewardFn {
     }
 }
 
-/// A progress line on stderr: redrawn in place on a terminal, a line every 10% otherwise.
-struct Progress {
-    total: usize,
-    started: Instant,
-    tty: bool,
-    last_decile: usize,
-}
-
-impl Progress {
-    fn new(total: usize) -> Self {
-        Self {
-            total,
-            started: Instant::now(),
-            tty: std::io::stderr().is_terminal(),
-            last_decile: 0,
-        }
-    }
-
-    fn update(&mut self, done: usize, responses: usize, unscored: usize) {
-        let el = self.started.elapsed().as_secs_f64();
-        let rate = responses as f64 / el.max(1e-9);
-        let eta = if done > 0 {
-            el / done as f64 * (self.total - done) as f64
-        } else {
-            0.0
-        };
-        let w = 30;
-        let fill = (w * done / self.total.max(1)).min(w);
-        let line = format!(
-            "score {done}/{} [{}{}] {rate:.1} responses/s, {unscored} unscored, ETA {:.0}s",
-            self.total,
-            "#".repeat(fill),
-            ".".repeat(w - fill),
-            eta
-        );
-        if self.tty {
-            eprint!("\r{line}\x1b[K");
-            if done == self.total {
-                eprintln!();
-            }
-        } else {
-            let decile = 10 * done / self.total.max(1);
-            if decile > self.last_decile || done == self.total {
-                self.last_decile = decile;
-                eprintln!("{line}");
-            }
-        }
-    }
-}
-
 /// Runs `rrhf score`.
 pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
     check_flags(cfg)?;
@@ -636,7 +586,8 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
         .collect();
     let started = Instant::now();
     let mut last_save = Instant::now();
-    let mut progress = Progress::new(pending.len());
+    // a plain line every 10% when stderr is not a terminal
+    let progress = Progress::new(pending.len() as u64, 0, (pending.len() as u64 / 10).max(1));
     let mut failures: Vec<String> = Vec::new();
     let (mut done, mut responses) = (0usize, 0usize);
     let (mut kl_sum, mut kl_n) = (0f64, 0usize);
@@ -695,7 +646,9 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
                 out[i].scores = Some(s);
             }
             done += idx.len();
-            progress.update(done, responses, failures.len());
+            let rate = responses as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let detail = format!("{rate:.1} responses/s, {} unscored", failures.len());
+            progress.report(done as u64, "score", &detail);
             if done < pending.len() && last_save.elapsed().as_secs() >= cfg.save_every_s {
                 write_records(&part, &out)?;
                 last_save = Instant::now();

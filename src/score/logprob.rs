@@ -7,6 +7,7 @@ use candle_core::Device;
 use crate::data::batch::{build_batch, Layout};
 use crate::data::tokenize::{tokenize_record, TokenizeOptions, TokenizedRecord};
 use crate::data::Record;
+use crate::model::seq_logprob::length_norm;
 use crate::model::{LoadedModel, ModelError};
 
 /// Per record, per response: Σ_t log π(y_t | x, y_<t) over the response tokens (EOS included) and the token count.
@@ -25,7 +26,7 @@ impl SeqLogprobs {
             .map(|(lp, n)| {
                 lp.iter()
                     .zip(n)
-                    .map(|(&l, &n)| l / (n.max(1) as f64).powf(length_penalty))
+                    .map(|(&l, &n)| l / length_norm(n, length_penalty))
                     .collect()
             })
             .collect()

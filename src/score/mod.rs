@@ -4,6 +4,8 @@
 //! BERT/DistilBERT classifiers), `judge:URL` (an LLM judge with the Appendix E prompt), `vader` (VADER sentiment),
 //! `policy:DIR` (p_i of a causal LM) and `labels` (the scores already in the data); optionally the KL-penalised
 //! reward R̃ = R − β·(log π(y|x) − log ρ(y|x)).
+//!
+//! May import: `model`, `data`, `client` and the base modules; never another stage.
 
 pub mod args;
 pub mod bench;
@@ -107,15 +109,6 @@ impl fmt::Display for ScoreOn {
     }
 }
 
-macro_rules! serialize_as_display {
-    ($($t:ty),*) => {
-        $(impl serde::Serialize for $t {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
-            }
-        })*
-    };
-}
 serialize_as_display!(RewardSpec, ScoreOn);
 
 /// An error of `rrhf score`.

@@ -13,6 +13,7 @@ use std::str::FromStr;
 
 use candle_core::{DType, Tensor};
 
+use crate::model::seq_logprob::seq_logprob_norm;
 use crate::model::ModelError;
 
 /// How the cross-entropy on the best response is reduced over its tokens.
@@ -124,27 +125,18 @@ pub fn rrhf_loss(
 ) -> Result<LossOutput, ModelError> {
     let device = token_logprobs.device();
     let n_queries = n_tokens.len();
-    let n_resp: usize = n_tokens.iter().map(Vec::len).sum();
     if scores.len() != n_queries || scores.iter().zip(n_tokens).any(|(s, n)| s.len() != n.len()) {
         return Err(ModelError::Input(
             "every response needs exactly one score".into(),
         ));
     }
-    if n_queries == 0 || n_tokens.iter().any(|n| n.is_empty() || n.contains(&0)) {
-        return Err(ModelError::Input(
-            "every query needs at least one response of at least one token".into(),
-        ));
-    }
     // logp_i: sum of token log-probs per response; p_i = logp_i / |y_i|^length_penalty.
-    let lp = token_logprobs.to_dtype(DType::F32)?;
-    let seg = Tensor::new(response_of_label, device)?;
-    let logp = Tensor::zeros(n_resp, DType::F32, device)?.index_add(&seg, &lp, 0)?;
-    let norm: Vec<f32> = n_tokens
-        .iter()
-        .flatten()
-        .map(|&n| (n as f64).powf(cfg.length_penalty) as f32)
-        .collect();
-    let p = logp.div(&Tensor::new(norm, device)?)?;
+    let (logp, p) = seq_logprob_norm(
+        token_logprobs,
+        response_of_label,
+        n_tokens,
+        cfg.length_penalty,
+    )?;
 
     // Pairs (worse i, better j) with their margin, the best response of each query and its SFT divisor.
     let (mut pi, mut pj, mut pq, mut pm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

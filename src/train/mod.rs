@@ -1,4 +1,9 @@
 //! Training: the RRHF loss, optimizer, schedule and loop.
+//!
+//! Files: loss (the paper's equations), optim (fused AdamW), schedule, precision (mixed precision), trainer (the
+//! loop), checkpoint, output (previous runs in `--output`), log (metrics.jsonl), bench (train and AdamW benchmarks).
+//!
+//! May import: `model`, `data` and the base modules (`progress`, `plot`); never another stage.
 
 pub mod bench;
 pub mod checkpoint;
@@ -6,7 +11,18 @@ pub mod log;
 pub mod loss;
 pub mod optim;
 pub mod output;
-pub mod plot;
 pub mod precision;
 pub mod schedule;
 pub mod trainer;
+
+/// The plots moved to [`crate::plot`] (below the stages, shared with `eval`); this path stays for callers.
+pub use crate::plot;
+
+impl From<crate::plot::PlotError> for trainer::TrainError {
+    fn from(e: crate::plot::PlotError) -> Self {
+        match e {
+            crate::plot::PlotError::Io(e) => e.into(),
+            crate::plot::PlotError::Draw(msg) => trainer::TrainError::Config(msg),
+        }
+    }
+}

@@ -611,92 +611,6 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
-type NamedVars = Vec<(String, Var)>;
-
-const BENCH_LR: f64 = 1e-4;
-const BENCH_WD: f64 = 0.01;
-
-/// ~100 random f32 CPU parameters (`layer{i}.weight`) with `n_params` elements in all, and their gradients.
-fn bench_setup(n_params: usize) -> Result<(NamedVars, Vec<Tensor>)> {
-    let dev = Device::Cpu;
-    let n_tensors = 100.min(n_params.max(1));
-    let per = n_params / n_tensors;
-    let mut params = Vec::with_capacity(n_tensors);
-    let mut grads = Vec::with_capacity(n_tensors);
-    for i in 0..n_tensors {
-        let n = if i + 1 == n_tensors {
-            n_params - per * (n_tensors - 1)
-        } else {
-            per
-        };
-        let var = Var::from_tensor(&Tensor::randn(0f32, 0.02, n, &dev)?)?;
-        params.push((format!("layer{i}.weight"), var));
-        grads.push(Tensor::randn(0f32, 1e-3, n, &dev)?);
-    }
-    Ok((params, grads))
-}
-
-/// Seconds per step of the fused AdamW, mean of `iters` steps after one warm-up step (which also touches the
-/// freshly allocated moments); `threads` None = the default.
-fn time_fused(
-    params: &[(String, Var)],
-    grads: &[Tensor],
-    iters: usize,
-    threads: Option<usize>,
-) -> Result<f64> {
-    let iters = iters.max(1);
-    let cfg = AdamWConfig {
-        weight_decay: BENCH_WD,
-        ..AdamWConfig::default()
-    };
-    let mut opt = AdamW::new(params.to_vec(), cfg)?;
-    if let Some(t) = threads {
-        opt.set_threads(t);
-    }
-    opt.step(grads, BENCH_LR)?;
-    let t0 = std::time::Instant::now();
-    for _ in 0..iters {
-        opt.step(grads, BENCH_LR)?;
-    }
-    Ok(t0.elapsed().as_secs_f64() / iters as f64)
-}
-
-/// Times one optimizer step on `n_params` f32 parameters on CPU split into ~100 tensors (names `layer{i}.weight`,
-/// weight decay 0.01, lr 1e-4): returns (seconds per step of this crate's fused AdamW, seconds per step of
-/// `candle_nn::optim::AdamW`), each the mean of `iters` steps after one warm-up step.
-pub fn bench_adamw(n_params: usize, iters: usize) -> Result<(f64, f64)> {
-    use candle_nn::optim::Optimizer;
-
-    let iters = iters.max(1);
-    let dev = Device::Cpu;
-    let (params, grads) = bench_setup(n_params)?;
-    let fused = time_fused(&params, &grads, iters, None)?;
-
-    // candle's AdamW takes a GradStore, which only backward() builds: d(Σ var·g)/d var = g.
-    let mut loss = Tensor::zeros((), DType::F32, &dev)?;
-    for ((_, var), g) in params.iter().zip(&grads) {
-        loss = (loss + (var.as_tensor() * g)?.sum_all()?)?;
-    }
-    let store = loss.backward()?;
-    drop(loss);
-    let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
-    let mut copt = candle_nn::optim::AdamW::new(
-        vars,
-        candle_nn::optim::ParamsAdamW {
-            lr: BENCH_LR,
-            weight_decay: BENCH_WD,
-            ..Default::default()
-        },
-    )?;
-    copt.step(&store)?;
-    let t0 = std::time::Instant::now();
-    for _ in 0..iters {
-        copt.step(&store)?;
-    }
-    let candle = t0.elapsed().as_secs_f64() / iters as f64;
-    Ok((fused, candle))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1206,26 +1120,5 @@ mod tests {
         let got = global_grad_norm(&[big, nc, bf]).unwrap();
         assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
         assert_eq!(global_grad_norm(&[]).unwrap(), 0.0);
-    }
-
-    /// `cargo test --release --lib train::optim::tests::bench_adamw_45m -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn bench_adamw_45m() {
-        let n: usize = std::env::var("RRHF_BENCH_ADAMW_PARAMS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(45_000_000);
-        let (params, grads) = bench_setup(n).unwrap();
-        for t in [1, 2] {
-            let s = time_fused(&params, &grads, 3, Some(t)).unwrap();
-            println!("fused AdamW {n} params, {t} thread(s): {s:.4} s/step");
-        }
-        drop((params, grads));
-        let (fused, candle) = bench_adamw(n, 3).unwrap();
-        println!(
-            "AdamW {n} params: fused {fused:.4} s/step, candle_nn {candle:.4} s/step ({:.1}x)",
-            candle / fused
-        );
     }
 }

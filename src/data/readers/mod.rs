@@ -2,6 +2,8 @@
 //! pairwise preference rows (Dahoas/rm-static, full-hh-rlhf; JSONL or Parquet), Anthropic hh-rlhf raw transcripts
 //! and Alpaca rows. Every reader yields [`Record`]s; bad input is reported with its file, line (or Parquet row) and
 //! field, or skipped and counted with [`ReadOptions::skip_invalid`].
+//!
+//! May import: the rest of `data`, `model` and the base modules.
 
 mod convert;
 mod jsonl;

@@ -18,7 +18,20 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
 
-use crate::model::error::{ModelError, Result};
+use crate::fsutil::FsError;
+
+/// An error while drawing or writing a plot.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    /// The file (or its directory) could not be written.
+    #[error(transparent)]
+    Io(#[from] FsError),
+    /// The plot could not be drawn.
+    #[error("{0}")]
+    Draw(String),
+}
+
+pub type Result<T> = std::result::Result<T, PlotError>;
 
 /// One curve: a name for the legend and (step, value) points.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,7 +60,7 @@ pub const WIDTH: u32 = 1200;
 pub const HEIGHT: u32 = 800;
 
 /// The embedded font (Cantarell Regular 0.303.1, SIL Open Font License 1.1).
-static FONT: &[u8] = include_bytes!("../../assets/fonts/Cantarell-Regular.otf");
+static FONT: &[u8] = include_bytes!("../assets/fonts/Cantarell-Regular.otf");
 /// The family every text style below uses; the font is registered under it.
 const FAMILY: &str = "sans-serif";
 
@@ -133,7 +146,7 @@ fn font() -> Result<&'static FontRef<'static>> {
     PARSED
         .get_or_init(|| FontRef::try_from_slice(FONT).ok())
         .as_ref()
-        .ok_or_else(|| ModelError::Input("the embedded plot font could not be parsed".into()))
+        .ok_or_else(|| PlotError::Draw("the embedded plot font could not be parsed".into()))
 }
 
 /// Registers the embedded font once per process (plotters keeps a global font table).
@@ -145,7 +158,7 @@ fn register_font() -> Result<()> {
                 .map_err(|_| "the embedded plot font could not be parsed".to_string())
         })
         .clone()
-        .map_err(ModelError::Input)
+        .map_err(PlotError::Draw)
 }
 
 /// The series with their non-finite points removed, and those left empty dropped.
@@ -165,8 +178,8 @@ fn clean(series: &[Series]) -> Vec<Series> {
         .collect()
 }
 
-fn draw_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Input(format!("{}: drawing the plot failed: {e}", path.display()))
+fn draw_error(path: &Path, e: impl std::fmt::Display) -> PlotError {
+    PlotError::Draw(format!("{}: drawing the plot failed: {e}", path.display()))
 }
 
 type DrawResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -615,7 +628,7 @@ fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
 /// Writes `bytes` over `path` atomically (`crate::fsutil`), creating its directory first.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| FsError::new(dir, e))?;
     }
     Ok(crate::fsutil::write_atomic(path, bytes)?)
 }
@@ -909,7 +922,7 @@ mod tests {
         let file = dir.0.join("file");
         std::fs::write(&file, b"x").unwrap();
         let err = plot_curves(&file.join("x.png"), "t", &[]).unwrap_err();
-        assert!(matches!(err, ModelError::Io { .. }), "{err}");
+        assert!(matches!(err, PlotError::Io(_)), "{err}");
     }
 
     #[test]
