@@ -4,8 +4,8 @@
 //!
 //! Imports go one way (README "Layout"; `tools/import_graph.py` checks it): the base modules (`alloc`, `rng`,
 //! `fsutil`, `device`, `progress`, `plot`) import nothing above them; `model` only the base; `data` the base and
-//! `model`; the stages `sample`, `score`, `train` the base, `model`, `data` (and `client`); `eval` also `sample` and
-//! `score`; `iterate`, `bench` and the binary everything.
+//! `model`; `dist` the base and `data`; the stages `sample`, `score`, `train` the base, `model`, `data` (and
+//! `client`, `dist`); `eval` also `sample` and `score`; `iterate`, `bench` and the binary everything.
 
 /// Keeps freed tensor buffers in the process heap: glibc otherwise serves every buffer above 128 KiB (growing to
 /// 32 MiB) with a fresh `mmap` and returns it on free, so each op pays page faults on new memory (≈25% of a CPU
@@ -36,6 +36,7 @@ pub mod bench;
 pub mod client;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod fsutil;
 pub mod iterate;

@@ -57,6 +57,23 @@ enum Command {
     },
 }
 
+impl Command {
+    /// The subcommand's name, for messages.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Train(_) => "train",
+            Command::Rank(_) => "rank",
+            Command::Sample(_) => "sample",
+            Command::Score(_) => "score",
+            Command::Eval(_) => "eval",
+            Command::Iterate(_) => "iterate",
+            Command::Logprobs(_) => "logprobs",
+            Command::Convert(_) => "convert",
+            Command::Bench { .. } => "bench",
+        }
+    }
+}
+
 #[derive(Args)]
 struct LogprobsArgs {
     #[command(flatten)]
@@ -359,7 +376,33 @@ fn main() {
         }
     };
     let cli = Cli::parse_from(argv);
-    if let Err(e) = run(cli) {
+    // Under mpirun/srun this joins MPI's world (held until the end of main, which finalises it); otherwise a world
+    // of one.
+    let _world = match rrhf::dist::init() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let comm = rrhf::dist::world();
+    // Commands with a parallel version (data-parallel training, sharded sampling and scoring).
+    let parallel_ok = matches!(
+        cli.command,
+        Command::Train(_) | Command::Sample(_) | Command::Score(_)
+    );
+    let result = match parallel_ok {
+        false if comm.is_parallel() => comm
+            .require_single(cli.command.name())
+            .map_err(anyhow::Error::from),
+        _ => run(cli),
+    };
+    if let Err(e) = result {
+        if comm.is_parallel() {
+            // The other ranks may be waiting for this one in a collective: end the job on all of them.
+            eprintln!("error: rank {} of {}: {e:#}", comm.rank(), comm.size());
+            comm.abort(1);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -371,6 +414,10 @@ fn run(cli: Cli) -> Result<()> {
             let mut args = serde_json::to_value(&cfg)?;
             args["command"] = json!("train");
             let s = train(&cfg, &args)?;
+            if !rrhf::dist::world().is_root() {
+                // Rank 0 reports for the job.
+                return Ok(());
+            }
             let skipped = if s.skipped_nonfinite > 0 {
                 format!(
                     " ({} skipped for a non-finite loss or gradient)",
@@ -401,7 +448,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Sample(cfg) => {
             let s = sample(&cfg)?;
-            eprintln!("{s}");
+            if rrhf::dist::world().is_root() {
+                eprintln!("{s}");
+            }
             Ok(())
         }
         Command::Score(cfg) => Ok(rrhf::score::command::run_cli(&cfg)?),

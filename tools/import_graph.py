@@ -20,11 +20,13 @@ ALLOWED = {
     "model": BASE,
     "client": BASE,
     "data": BASE | {"model"},
-    "sample": BASE | {"model", "data", "client"},
-    "score": BASE | {"model", "data", "client"},
-    "train": BASE | {"model", "data"},
-    "eval": BASE | {"model", "data", "client", "sample", "score"},
-    "bench": BASE | {"model", "data", "sample", "score", "train"},
+    # Scale-out (MPI ranks, sharded parts): below the stages that run in parallel.
+    "dist": BASE | {"data"},
+    "sample": BASE | {"model", "data", "client", "dist"},
+    "score": BASE | {"model", "data", "client", "dist"},
+    "train": BASE | {"model", "data", "dist"},
+    "eval": BASE | {"model", "data", "client", "dist", "sample", "score"},
+    "bench": BASE | {"model", "data", "dist", "sample", "score", "train"},
 }
 
 

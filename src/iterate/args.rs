@@ -285,6 +285,8 @@ impl IterateConfig {
             loss_scale: t.loss_scale,
             loss_scale_window: t.loss_scale_window,
             log_every: t.log_every,
+            // `rrhf iterate` runs as one process: no collective to time out.
+            collective_timeout_s: 0.0,
         }
     }
 

@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 
 use crate::data::readers::{read_records, write_records, InputFormat, PromptTemplate, ReadOptions};
 use crate::data::{DataError, Record};
-use crate::model::LoadedModel;
+use crate::dist::{self, shard::Shard};
+use crate::model::{LoadedModel, ModelError};
 use crate::progress::Progress;
 
 use super::args::config_err;
 pub use super::args::{SampleConfig, SampleError, SampleSummary};
-use super::plan::{describe, plan, Plan};
+use super::plan::{describe, plan, Generator, Plan};
 use super::prompts::{read_prompts, Prompt};
 pub use super::settings::{EarlyStop, Setting, StrategyKind};
 use super::source::{Job, Source, Target, Texts};
@@ -120,18 +121,35 @@ fn run(cfg: &SampleConfig, preloaded: Option<&LoadedModel>) -> Result<SampleSumm
         }
     }
     let stops = resolve_stops(&cfg.stop, &prompts);
-    eprintln!("{}", describe(&plan, cfg, &stops));
+    let comm = dist::world();
+    if comm.is_root() {
+        eprintln!("{}", describe(&plan, cfg, &stops));
+    }
+    // Under mpirun: this rank samples its blocks of prompts into its own part of the output (see dist::shard).
+    let shard = Shard::new(comm, &cfg.output);
+    if shard.is_parallel() && cfg.append {
+        return Err(config_err(
+            "--append does not run under mpirun/srun (its records are matched across the whole output); run it as \
+             one process",
+        ));
+    }
+    let part = shard.part();
+    // Blocks of absolute prompt indices: a resumed run meets the same batches (and sampling seeds) as one run.
+    let block = match &plan.generator {
+        Generator::Endpoint { .. } => cfg.batch_prompts.max(cfg.concurrency).max(1),
+        _ => cfg.batch_prompts.max(1),
+    };
 
     // The existing output and the prompts still to do.
     let existing = if cfg.append || cfg.resume {
-        read_existing(&cfg.output)?
+        read_existing(&part)?
     } else {
         Vec::new()
     };
     if (cfg.append || cfg.resume) && existing.is_empty() {
         eprintln!(
             "note: {} has no records yet; starting a new file",
-            cfg.output.display()
+            part.display()
         );
     }
     let mut by_query: HashMap<&str, VecDeque<usize>> = HashMap::new();
@@ -141,6 +159,9 @@ fn run(cfg: &SampleConfig, preloaded: Option<&LoadedModel>) -> Result<SampleSumm
     let mut jobs = Vec::new();
     let mut already_done = 0;
     for (i, p) in prompts.iter().enumerate() {
+        if !shard.owns(i / block) {
+            continue;
+        }
         let matched = by_query
             .get_mut(p.query.as_str())
             .and_then(VecDeque::pop_front);
@@ -172,7 +193,7 @@ fn run(cfg: &SampleConfig, preloaded: Option<&LoadedModel>) -> Result<SampleSumm
         ..SampleSummary::default()
     };
     let mut out = Output {
-        path: &cfg.output,
+        path: &part,
         records: existing,
         last_flush: Instant::now(),
         last_cost: Duration::ZERO,
@@ -181,11 +202,6 @@ fn run(cfg: &SampleConfig, preloaded: Option<&LoadedModel>) -> Result<SampleSumm
     };
 
     let mut source = Source::open(cfg, &plan, preloaded)?;
-    // Blocks of absolute prompt indices: a resumed run meets the same batches (and sampling seeds) as one run.
-    let block = match &source {
-        Source::Endpoint { .. } => cfg.batch_prompts.max(cfg.concurrency).max(1),
-        _ => cfg.batch_prompts.max(1),
-    };
     let mut batches: Vec<Vec<Job>> = Vec::new();
     for job in jobs {
         match batches.last_mut() {
@@ -218,7 +234,7 @@ fn run(cfg: &SampleConfig, preloaded: Option<&LoadedModel>) -> Result<SampleSumm
             let saved = format!(
                 "{} records are in {} (everything finished before the failure); rerun with --resume{} to continue",
                 out.records.len(),
-                cfg.output.display(),
+                part.display(),
                 if cfg.append { " --append" } else { "" }
             );
             return Err(SampleError::Interrupted {
@@ -249,7 +265,54 @@ fn run(cfg: &SampleConfig, preloaded: Option<&LoadedModel>) -> Result<SampleSumm
     }
     out.flush(true)?;
     summary.records_written = out.records.len();
+    if shard.is_parallel() {
+        merge_parts(&shard, &mut summary, prompts.len(), block)?;
+    }
     Ok(summary)
+}
+
+/// Under mpirun: rank 0 writes the parts merged in prompt order to the output, and every rank's summary becomes
+/// the job's (counts summed over ranks; generation time the longest rank's).
+fn merge_parts(
+    shard: &Shard,
+    summary: &mut SampleSummary,
+    n_prompts: usize,
+    block: usize,
+) -> Result<(), SampleError> {
+    let comm = dist::world();
+    // Every prompt of a rank's blocks is one record of its part, in prompt order.
+    let sizes: Vec<usize> = (0..n_prompts.div_ceil(block))
+        .map(|b| block.min(n_prompts - b * block))
+        .collect();
+    let part = shard.part();
+    let mine = std::fs::read(&part).map_err(|e| DataError::io(&part, e))?;
+    let merged = shard.merge_lines(comm, &mine, &sizes)?;
+    if comm.is_root() {
+        crate::fsutil::write_atomic(&summary.output, &merged).map_err(ModelError::from)?;
+    }
+    summary.records_written = sizes.iter().sum();
+    let s = &mut *summary;
+    let mut counts = [
+        s.processed,
+        s.already_done,
+        s.generated,
+        s.provided,
+        s.generated_tokens as usize,
+        s.truncated_prompts,
+        s.cut_by_stop,
+    ]
+    .map(|x| x as f64);
+    comm.sum_f64("the sampling counts", &mut counts);
+    let [processed, already_done, generated, provided, tokens, truncated, cut] =
+        counts.map(|x| x as usize);
+    (s.processed, s.already_done, s.generated, s.provided) =
+        (processed, already_done, generated, provided);
+    (s.generated_tokens, s.truncated_prompts, s.cut_by_stop) = (tokens as u64, truncated, cut);
+    s.generation_s = comm
+        .all_gather_f64("the sampling time", &[s.generation_s])
+        .into_iter()
+        .fold(0.0, f64::max);
+    Ok(())
 }
 
 /// Whether an existing record already holds this run's responses (for --resume with --append).

@@ -7,7 +7,7 @@
 //! before.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -18,6 +18,7 @@ use crate::data::readers::{read_records, write_records, InputFormat, PromptTempl
 use crate::data::tokenize::TokenizeOptions;
 use crate::data::Record;
 use crate::device::{DTypeSpec, DeviceSpec};
+use crate::dist::{self, shard::Shard};
 use crate::model::reward::{load_reward_model, RewardLoadOptions};
 use crate::model::{load_model, LoadedModel};
 use crate::progress::Progress;
@@ -372,13 +373,13 @@ fn key(r: &Record) -> (String, Vec<String>) {
 type ScoresByRecord = HashMap<(String, Vec<String>), VecDeque<Vec<f64>>>;
 
 /// Scores of the records already scored in `cfg.output`.
-fn resumed_scores(cfg: &ScoreConfig) -> Result<ScoresByRecord, ScoreError> {
+fn resumed_scores(cfg: &ScoreConfig, output: &Path) -> Result<ScoresByRecord, ScoreError> {
     let mut map: HashMap<_, VecDeque<Vec<f64>>> = HashMap::new();
-    if !cfg.resume || !cfg.output.exists() {
+    if !cfg.resume || !output.exists() {
         return Ok(map);
     }
     let prev = match read_records(
-        &cfg.output,
+        output,
         &ReadOptions {
             format: InputFormat::Rrhf,
             require_scores: false,
@@ -539,8 +540,12 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
     let input = read.records;
     let n = input.len();
 
+    // Under mpirun: this rank scores its blocks of records into its own part of the output (see dist::shard).
+    let comm = dist::world();
+    let shard = Shard::new(comm, &cfg.output);
+    let part = shard.part();
     // Records already scored in the output being resumed.
-    let mut resumed_map = resumed_scores(cfg)?;
+    let mut resumed_map = resumed_scores(cfg, &part)?;
     let mut out: Vec<Record> = input
         .iter()
         .map(|r| Record {
@@ -572,6 +577,13 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
         _ => None,
     };
 
+    let chunk = scorer.chunk(cfg);
+    // Blocks of `chunk` records by absolute index, so that each record is scored in the batch one process would
+    // score it in.
+    let pending: Vec<usize> = pending
+        .into_iter()
+        .filter(|&i| shard.owns(i / chunk))
+        .collect();
     let started = Instant::now();
     let mut last_save = Instant::now();
     // a plain line every 10% when stderr is not a terminal
@@ -579,7 +591,6 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
     let mut failures: Vec<String> = Vec::new();
     let (mut done, mut responses) = (0usize, 0usize);
     let (mut kl_sum, mut kl_n) = (0f64, 0usize);
-    let chunk = scorer.chunk(cfg);
     let mut run = || -> Result<(), ScoreError> {
         for idx in pending.chunks(chunk) {
             let recs: Vec<&Record> = idx.iter().map(|&i| &input[i]).collect();
@@ -639,7 +650,7 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
             let detail = format!("{rate:.1} responses/s, {} unscored", failures.len());
             progress.report(done as u64, "score", &detail);
             if done < pending.len() && last_save.elapsed().as_secs() >= cfg.save_every_s {
-                write_records(&cfg.output, &out)?;
+                write_records(&part, &out)?;
                 last_save = Instant::now();
             }
         }
@@ -648,9 +659,23 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
     if let Err(e) = run() {
         // Keep what was scored so that --resume continues from it.
         if out.iter().any(|r| r.scores.is_some()) {
-            write_records(&cfg.output, &out)?;
+            write_records(&part, &out)?;
         }
         return Err(e);
+    }
+    if shard.is_parallel() {
+        // Every rank's part holds all records (its own scored); each rank then gets the whole job's records and
+        // counts, so that all of them report (and refuse) alike.
+        write_records(&part, &out)?;
+        shard.merge_scores(comm, &mut out, chunk)?;
+        let mut sums = [responses as f64, kl_sum, kl_n as f64, resumed as f64];
+        comm.sum_f64("the scoring counts", &mut sums);
+        (responses, kl_sum, kl_n, resumed) = (
+            sums[0] as usize,
+            sums[1],
+            sums[2] as usize,
+            sums[3] as usize,
+        );
     }
     let seconds = started.elapsed().as_secs_f64();
 
@@ -668,9 +693,11 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
             failures.first().map_or("-", String::as_str)
         )));
     }
-    write_records(&cfg.output, &final_records)?;
+    if comm.is_root() {
+        write_records(&cfg.output, &final_records)?;
+    }
     let stats = reward_stats(&final_records);
-    if let Some(p) = &cfg.stats_output {
+    if let Some(p) = cfg.stats_output.as_ref().filter(|_| comm.is_root()) {
         let text = serde_json::to_string_pretty(&stats).map_err(|e| config_err(e.to_string()))?;
         crate::fsutil::write_atomic(p, text.as_bytes()).map_err(crate::model::ModelError::from)?;
     }
@@ -692,7 +719,9 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
 /// `rrhf score` for the command line: runs and prints the report.
 pub fn run_cli(cfg: &ScoreConfig) -> Result<(), ScoreError> {
     let s = score(cfg)?;
-    print!("{}", s.report());
-    eprintln!("wrote {}", cfg.output.display());
+    if dist::world().is_root() {
+        print!("{}", s.report());
+        eprintln!("wrote {}", cfg.output.display());
+    }
     Ok(())
 }

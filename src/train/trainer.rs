@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -22,6 +22,7 @@ use crate::data::readers::read_records;
 use crate::data::tokenize::TokenizedRecord;
 use crate::data::DataError;
 use crate::device::DTypeSpec;
+use crate::dist::{self, Comm};
 use crate::fsutil::write_atomic;
 use crate::model::load::ModelArgs;
 use crate::model::save::{link_pretrained, save_pretrained};
@@ -147,6 +148,11 @@ pub struct TrainConfig {
     /// Print a plain progress line every N steps when stderr is not a terminal.
     #[arg(long, default_value_t = 10)]
     pub log_every: u64,
+    /// Under mpirun/srun: end the job on every rank when a collective (the gradient all-reduce) waits longer than
+    /// this many seconds for the others (a rank died or hangs). Must exceed the longest step, checkpoint save
+    /// included (0: wait forever).
+    #[arg(long, default_value_t = 1800.0)]
+    pub collective_timeout_s: f64,
 }
 
 /// An error of `rrhf train` / `rrhf rank`.
@@ -275,6 +281,11 @@ pub(crate) fn run_fingerprint(
         ),
         ("--data content".into(), json!(data)),
         ("--dtype".into(), json!(cfg.model.dtype.to_string())),
+        // Each optimizer step's queries are dealt to the ranks, so the world size is part of the batch.
+        (
+            "world size (mpirun -np)".into(),
+            json!(dist::world().size()),
+        ),
     ]);
     // Only when set, so that checkpoints written before the flag existed still resume.
     if cfg.records.no_response_eos {
@@ -331,6 +342,32 @@ pub(crate) fn fault_nan_at(step: u64) -> bool {
     })
 }
 
+/// Test hook: `RRHF_FAULT_RANK_AT_STEP=R:S:kill` (or `:hang`) makes rank R, at the start of step S (1-based),
+/// die by SIGKILL (or stop answering, alive), as a crashed node or a stuck process would, so tests can show that
+/// the other ranks end the job instead of waiting forever.
+fn fault_rank_at(comm: &Comm, step: u64) {
+    let Ok(spec) = std::env::var("RRHF_FAULT_RANK_AT_STEP") else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(':').collect();
+    if parts.len() != 3
+        || parts[0].parse::<usize>().ok() != Some(comm.rank())
+        || parts[1].parse::<u64>().ok() != Some(step)
+    {
+        return;
+    }
+    match parts[2] {
+        // SAFETY: kill(2) on this process's own id.
+        "kill" => unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        },
+        "hang" => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        _ => {}
+    }
+}
+
 /// Loss terms of a set of queries, averaged, plus the tokens processed.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct StepStats {
@@ -373,15 +410,66 @@ impl StepStats {
     pub(crate) fn rank_acc(&self) -> Option<f64> {
         (self.rank_acc_n > 0).then(|| self.rank_acc_sum / self.rank_acc_n as f64)
     }
+
+    /// The statistics of the whole step from every rank's share: sums (in rank order), and the first micro-batch
+    /// `k` (of `per` queries, out of `total`) whose loss was not finite on any rank, so that every rank reports, and
+    /// decides, the same as one process would.
+    fn reduce(self, comm: &Comm, per: usize, total: usize) -> StepStats {
+        if !comm.is_parallel() {
+            return self;
+        }
+        let (bad_k, bad_value) = match &self.nonfinite {
+            Some((range, v)) => ((range.start / per) as f64, *v),
+            None => (-1.0, 0.0),
+        };
+        let local = [
+            self.loss,
+            self.rank_loss,
+            self.sft_loss,
+            self.rank_acc_sum,
+            self.rank_acc_n as f64,
+            self.p_best,
+            self.p_worst,
+            self.queries as f64,
+            self.tokens as f64,
+            bad_k,
+            bad_value,
+        ];
+        let all = comm.all_gather_f64("the step statistics", &local);
+        let mut out = StepStats::default();
+        let mut first_bad: Option<(f64, f64)> = None;
+        for r in all.chunks(local.len()) {
+            out.loss += r[0];
+            out.rank_loss += r[1];
+            out.sft_loss += r[2];
+            out.rank_acc_sum += r[3];
+            out.rank_acc_n += r[4] as usize;
+            out.p_best += r[5];
+            out.p_worst += r[6];
+            out.queries += r[7] as usize;
+            out.tokens += r[8] as usize;
+            if r[9] >= 0.0 && first_bad.is_none_or(|(k, _)| r[9] < k) {
+                first_bad = Some((r[9], r[10]));
+            }
+        }
+        out.nonfinite = first_bad.map(|(k, v)| {
+            let start = k as usize * per;
+            (start..(start + per).min(total), v)
+        });
+        out
+    }
 }
 
 /// The loss of `records` under `model` (micro-batches of `batch_queries`), with gradients accumulated into
 /// `grads` when given (each micro-batch weighted by its share of the queries, so the result is the gradient of the
-/// mean over all queries). `poison` (a test hook) makes the first micro-batch's loss NaN.
+/// mean over all queries). The micro-batches are dealt round-robin to `comm`'s ranks (rank r runs r, r + N, ...):
+/// the gradients are this rank's share (the caller sums them over ranks), the statistics those of all ranks.
+/// `poison` (a test hook) makes the first micro-batch's loss NaN.
 #[allow(clippy::too_many_arguments)]
 fn run_queries(
     model: &CausalLm,
     records: &[&TokenizedRecord],
+    comm: &Comm,
     cfg: &TrainConfig,
     loss_cfg: &LossConfig,
     pad_id: u32,
@@ -394,6 +482,9 @@ fn run_queries(
     let total = records.len();
     let per = cfg.batch_queries.max(1);
     for (k, chunk) in records.chunks(per).enumerate() {
+        if k % comm.size() != comm.rank() {
+            continue;
+        }
         let batch = build_batch(chunk, cfg.layout, pad_id, device)?;
         let scores: Vec<Vec<f64>> = chunk.iter().map(|r| r.scores.clone()).collect();
         let weight = chunk.len() as f64 / total as f64;
@@ -455,11 +546,31 @@ fn run_queries(
         if !loss_value.is_finite() && grads.is_some() {
             // Its gradients would poison the whole step: stop here and let the caller decide.
             stats.nonfinite = Some((k * per..k * per + chunk.len(), loss_value));
-            return Ok(stats);
+            break;
         }
         stats.add(&out, loss_value, batch.tokens);
     }
-    Ok(stats)
+    Ok(stats.reduce(comm, per, total))
+}
+
+/// Test hook: `RRHF_DEBUG_GRAD_DUMP=DIR` appends, per optimizer step, the norm and a CRC-32 of this rank's
+/// gradients as the optimizer receives them (after the all-reduce, before clipping) to `DIR/grads-rank{R}.jsonl`,
+/// so a test can show that every rank steps with the same gradients.
+fn debug_dump_grads(comm: &Comm, updates: u64, grads: &[Tensor]) -> Result<(), TrainError> {
+    let Some(dir) = std::env::var_os("RRHF_DEBUG_GRAD_DUMP") else {
+        return Ok(());
+    };
+    let (norm, crc) = dist::grad_digest(grads)?;
+    let path = Path::new(&dir).join(format!("grads-rank{}.jsonl", comm.rank()));
+    let line = json!({"rank": comm.rank(), "updates_before": updates, "norm": norm, "crc32": crc});
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{line}"))
+        .map_err(|e| ModelError::io(&path, e))?;
+    Ok(())
 }
 
 /// What one optimizer step did.
@@ -495,11 +606,13 @@ pub(crate) fn optimizer_step(
     poison: bool,
     mut precision: Option<&mut Precision>,
 ) -> Result<StepOutcome, TrainError> {
+    let comm = dist::world();
     let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
     let loss_scale = precision.as_ref().map_or(1.0, |p| p.loss_scale());
     let stats = run_queries(
         model,
         records,
+        comm,
         cfg,
         loss_cfg,
         pad_id,
@@ -526,6 +639,10 @@ pub(crate) fn optimizer_step(
     if let Some(p) = precision.as_deref() {
         grads = p.master_grads(grads)?;
     }
+    // Data parallel: the sum of every rank's share is the step's gradient, before clipping so that the clip (and
+    // every decision below) uses the global norm and is the same on every rank.
+    dist::all_reduce_sum_tensors(comm, &mut grads)?;
+    debug_dump_grads(comm, optimizer.steps(), &grads)?;
     let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
     // Under f16 loss scaling an overflow is expected (the scale is probed upwards): skip and halve, not an
     // error; a non-finite norm at the floor scale (or without scaling) is a real one.
@@ -562,6 +679,16 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             "--batch-queries and --grad-accum must be at least 1".into(),
         ));
     }
+    let comm = dist::world();
+    if !(cfg.collective_timeout_s >= 0.0 && cfg.collective_timeout_s.is_finite()) {
+        return Err(TrainError::Config(format!(
+            "--collective-timeout-s {} must be a number of seconds ≥ 0 (0: no timeout)",
+            cfg.collective_timeout_s
+        )));
+    }
+    comm.set_collective_timeout(
+        (cfg.collective_timeout_s > 0.0).then(|| Duration::from_secs_f64(cfg.collective_timeout_s)),
+    );
     // Length limits are checked before anything is loaded.
     let tok_opts = cfg.records.tokenize_options().map_err(TrainError::Config)?;
     let previous = previous_run(&cfg.output)?;
@@ -612,7 +739,8 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         None => None,
     };
     let n = data.records.len();
-    let per_step = cfg.batch_queries * cfg.grad_accum;
+    // The global batch: every rank runs --grad-accum micro-batches of --batch-queries per step.
+    let per_step = cfg.batch_queries * cfg.grad_accum * comm.size();
     let steps_per_epoch = n.div_ceil(per_step) as u64;
     let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs);
     if total_steps == 0 {
@@ -621,6 +749,12 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         ));
     }
     let run = run_fingerprint(cfg, tok_opts.max_query_len, data_fingerprint(&cfg.data)?);
+    // Ranks that read different data or flags would silently train on a mix: refuse.
+    comm.check_same(
+        "the training flags and --data content",
+        &serde_json::to_string(&run).map_err(|e| TrainError::Config(e.to_string()))?,
+    )
+    .map_err(|e| TrainError::Config(e.to_string()))?;
     if let (Some((state, _)), Some(dir)) = (&resume_state, &cfg.resume) {
         // First by flag: a changed --batch-queries also changes the step count, and the flag is the better news.
         if let Some(then) = &state.run {
@@ -642,14 +776,19 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         sft_reduction: cfg.sft_reduction,
     };
 
-    // Validated: from here on the output directory is written.
-    if cfg.overwrite && !previous.is_empty() {
-        clear_previous_run(&cfg.output)?;
+    // Validated: from here on the output directory is written, by rank 0 only, and only once every rank has
+    // looked at it (a rank still checking would otherwise find rank 0's new files and refuse them as a previous
+    // run).
+    comm.barrier("the check of --output on every rank");
+    if comm.is_root() {
+        if cfg.overwrite && !previous.is_empty() {
+            clear_previous_run(&cfg.output)?;
+        }
+        std::fs::create_dir_all(&cfg.output).map_err(|e| ModelError::io(&cfg.output, e))?;
+        let args_text = serde_json::to_string_pretty(args_json)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        write_atomic(&cfg.output.join("args.json"), args_text.as_bytes())?;
     }
-    std::fs::create_dir_all(&cfg.output).map_err(|e| ModelError::io(&cfg.output, e))?;
-    let args_text =
-        serde_json::to_string_pretty(args_json).map_err(|e| TrainError::Config(e.to_string()))?;
-    write_atomic(&cfg.output.join("args.json"), args_text.as_bytes())?;
 
     let scaler = LossScaler::new(cfg.loss_scale, cfg.loss_scale_window)
         .map_err(|e| TrainError::Config(format!("--loss-scale / --loss-scale-window: {e}")))?;
@@ -678,15 +817,38 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         .as_ref()
         .and_then(|(s, _)| s.loss_scaler.as_ref())
         .map_or(0, |s| s.overflow_skips);
-    let mut metrics = MetricsLog::open(
-        &cfg.output.join("metrics.jsonl"),
-        resume_state.as_ref().map(|s| s.0.step),
-    )?;
+    // Rank 0 logs for the job (its statistics are the whole step's); the other ranks stay silent.
+    let mut metrics = if comm.is_root() {
+        Some(MetricsLog::open(
+            &cfg.output.join("metrics.jsonl"),
+            resume_state.as_ref().map(|s| s.0.step),
+        )?)
+    } else {
+        None
+    };
+    let mut log = |v: &Value| -> Result<(), TrainError> {
+        match metrics.as_mut() {
+            Some(m) => Ok(m.write(v)?),
+            None => Ok(()),
+        }
+    };
     let var_list: Vec<candle_core::Var> = precision.compute_vars();
     let pad_id = loaded.tokenizer.pad_id;
-    let progress = Progress::new(total_steps, start_step, cfg.log_every);
-    progress.message(&format!(
-        "rrhf train: {n} records ({} skipped, {} queries and {} responses truncated), {total_steps} steps of {per_step} queries, warm-up {warmup}, {} parameters, {} layout",
+    let progress = comm
+        .is_root()
+        .then(|| Progress::new(total_steps, start_step, cfg.log_every));
+    let say = |msg: &str| {
+        if let Some(p) = &progress {
+            p.message(msg)
+        }
+    };
+    let ranks = if comm.is_parallel() {
+        format!(" over {} ranks", comm.size())
+    } else {
+        String::new()
+    };
+    say(&format!(
+        "rrhf train: {n} records ({} skipped, {} queries and {} responses truncated), {total_steps} steps of {per_step} queries{ranks}, warm-up {warmup}, {} parameters, {} layout",
         data.skipped,
         data.truncated_queries,
         data.truncated_responses,
@@ -714,6 +876,8 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         let picked: Vec<&TokenizedRecord> = picked_idx.iter().map(|&i| &data.records[i]).collect();
         let lr = lr_at(cfg.schedule, cfg.lr, step, warmup, total_steps);
         let done = step + 1;
+        fault_rank_at(comm, done);
+        comm.take_traffic();
         let (stats, nonfinite, grad_norm, overflow) = match optimizer_step(
             &model,
             &picked,
@@ -743,7 +907,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         if let Some((what, value, blamed)) = nonfinite {
             let origins: Vec<String> = blamed.iter().map(|&i| data.origin(i)).collect();
             if skipped_nonfinite >= cfg.skip_nonfinite {
-                metrics.write(&json!({
+                log(&json!({
                     "step": done,
                     "nonfinite": what,
                     "records": origins,
@@ -760,7 +924,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 ));
             }
             skipped_nonfinite += 1;
-            metrics.write(&json!({
+            log(&json!({
                 "step": done,
                 "epoch": done as f64 / steps_per_epoch as f64,
                 "skipped_nonfinite": skipped_nonfinite,
@@ -768,7 +932,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 "records": origins,
                 "lr": lr,
             }))?;
-            progress.message(&format!(
+            say(&format!(
                 "step {done}: {what} is {value}; step skipped, no update ({skipped_nonfinite} of at most {} skipped; records {})",
                 cfg.skip_nonfinite,
                 origins.join(", ")
@@ -776,7 +940,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         } else if overflow {
             overflow_skips += 1;
             let scale = precision.loss_scale();
-            metrics.write(&json!({
+            log(&json!({
                 "step": done,
                 "epoch": done as f64 / steps_per_epoch as f64,
                 "overflow": true,
@@ -784,7 +948,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 "overflow_skips": overflow_skips,
                 "lr": lr,
             }))?;
-            progress.message(&format!(
+            say(&format!(
                 "step {done}: f16 gradients overflowed; step skipped, loss scale now {scale}"
             ));
         } else {
@@ -812,17 +976,27 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                 line["loss_scale"] = json!(s.scale);
                 line["overflow_skips"] = json!(overflow_skips);
             }
-            metrics.write(&line)?;
-            progress.step(done, last_loss, stats.tokens as f64 / secs);
+            if comm.is_parallel() {
+                // This rank's time in collectives (waiting for slower ranks included) and the payload it
+                // all-reduced: gradients plus the step's statistics.
+                let t = comm.take_traffic();
+                line["comm_s"] = json!(t.secs);
+                line["comm_bytes"] = json!(t.bytes);
+                line["world_size"] = json!(comm.size());
+            }
+            log(&line)?;
+            if let Some(p) = &progress {
+                p.step(done, last_loss, stats.tokens as f64 / secs);
+            }
         }
         let is_last = done == total_steps;
         if let Some(ev) = &eval {
             if is_last || cfg.eval_every.is_some_and(|k| k > 0 && done % k == 0) {
                 let refs: Vec<&TokenizedRecord> = ev.records.iter().collect();
                 let s = run_queries(
-                    &model, &refs, cfg, &loss_cfg, pad_id, &device, None, false, 1.0,
+                    &model, &refs, comm, cfg, &loss_cfg, pad_id, &device, None, false, 1.0,
                 )?;
-                metrics.write(&json!({
+                log(&json!({
                     "step": done,
                     "eval_loss": s.mean(s.loss),
                     "eval_rank_loss": s.mean(s.rank_loss),
@@ -830,14 +1004,15 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                     "eval_rank_acc": s.rank_acc(),
                     "eval_queries": s.queries,
                 }))?;
-                progress.message(&format!(
+                say(&format!(
                     "eval at step {done}: loss {:.4}, rank acc {}",
                     s.mean(s.loss),
                     s.rank_acc().map_or("-".into(), |a| format!("{a:.3}"))
                 ));
             }
         }
-        if is_last || cfg.save_every.is_some_and(|k| k > 0 && done % k == 0) {
+        let save = is_last || cfg.save_every.is_some_and(|k| k > 0 && done % k == 0);
+        if save && comm.is_root() {
             let masters = precision.master_weights(model.weights());
             check_finite_weights(&masters)?;
             let state = TrainerState {
@@ -884,6 +1059,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         .or_else(|| stored_dtype(&cfg.model.model))
         .unwrap_or(dtype);
     match final_checkpoint {
+        _ if !comm.is_root() => {}
         Some(ck) if save_dtype == candle_core::DType::F32 => link_pretrained(&ck, &cfg.output)?,
         _ => {
             let masters = precision.master_weights(model.weights());
@@ -897,7 +1073,11 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             )?
         }
     }
-    plot_metrics(&cfg.output)?;
+    if comm.is_root() {
+        plot_metrics(&cfg.output)?;
+    }
+    // Every rank returns once rank 0 has saved: a failure there ends the job rather than passing unnoticed.
+    comm.barrier("the final save on rank 0");
     Ok(TrainSummary {
         steps: total_steps,
         final_loss: last_loss,

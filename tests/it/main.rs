@@ -4,6 +4,7 @@ mod client;
 mod common;
 mod data;
 mod demo;
+mod dist;
 mod errors;
 mod eval;
 mod fuzz;
