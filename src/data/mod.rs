@@ -14,4 +14,4 @@ pub mod record;
 pub mod tokenize;
 
 pub use error::DataError;
-pub use record::Record;
+pub use record::{FinishReason, Record};

@@ -85,10 +85,11 @@ pub fn tokenize_record(
     let budget = opts.max_len - query.len();
     let mut responses = Vec::with_capacity(rec.responses.len());
     let mut responses_truncated = 0;
-    for r in &rec.responses {
+    for (i, r) in rec.responses.iter().enumerate() {
         let mut ids = tok.encode(r, false)?;
-        // An empty response is the model stopping at once: it keeps its EOS (and has a token to score).
-        if opts.response_eos || ids.is_empty() {
+        // An empty response is the model stopping at once: it keeps its EOS (and has a token to score). A response
+        // the generator cut at its token budget did not end: no EOS.
+        if (opts.response_eos && !rec.unfinished(i)) || ids.is_empty() {
             ids.push(tok.eos_id);
         }
         if ids.len() > budget {

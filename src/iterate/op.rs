@@ -454,6 +454,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
                 "responses": r.responses,
                 "scores": penalized,
                 "sources": r.sources,
+                "finish_reasons": r.finish_reasons,
                 "reward": raw,
                 "kl": kl_j,
                 "step": slots[j].0 + 1,

@@ -192,6 +192,8 @@ pub struct SampleSummary {
     pub truncated_prompts: usize,
     /// Responses cut at a stop string.
     pub cut_by_stop: usize,
+    /// Responses that ran into --max-new-tokens (`finish_reasons` "length": trained without EOS).
+    pub at_budget: usize,
     /// Records in the output file.
     pub records_written: usize,
     /// Records whose scores were dropped because --append added responses to them.
@@ -217,8 +219,8 @@ impl fmt::Display for SampleSummary {
         write!(
             f,
             "sampled {} of {} prompts ({} already in the output, {} invalid skipped): {} generated + {} provided \
-             responses, {} tokens at {:.1} tokens/s; {} prompts truncated, {} responses cut at a stop string; \
-             {} records in {}",
+             responses, {} tokens at {:.1} tokens/s; {} prompts truncated, {} responses cut at a stop string, {} at the \
+             token budget; {} records in {}",
             self.processed,
             self.prompts,
             self.already_done,
@@ -229,6 +231,7 @@ impl fmt::Display for SampleSummary {
             self.tokens_per_s(),
             self.truncated_prompts,
             self.cut_by_stop,
+            self.at_budget,
             self.records_written,
             self.output.display()
         )?;

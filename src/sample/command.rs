@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::data::readers::{read_records, write_records, InputFormat, PromptTemplate, ReadOptions};
-use crate::data::{DataError, Record};
+use crate::data::{DataError, FinishReason, Record};
 use crate::dist::{self, shard::Shard};
 use crate::model::{LoadedModel, ModelError};
 use crate::progress::Progress;
@@ -300,14 +300,20 @@ fn merge_parts(
         s.generated_tokens as usize,
         s.truncated_prompts,
         s.cut_by_stop,
+        s.at_budget,
     ]
     .map(|x| x as f64);
     comm.sum_f64("the sampling counts", &mut counts);
-    let [processed, already_done, generated, provided, tokens, truncated, cut] =
+    let [processed, already_done, generated, provided, tokens, truncated, cut, at_budget] =
         counts.map(|x| x as usize);
     (s.processed, s.already_done, s.generated, s.provided) =
         (processed, already_done, generated, provided);
-    (s.generated_tokens, s.truncated_prompts, s.cut_by_stop) = (tokens as u64, truncated, cut);
+    (
+        s.generated_tokens,
+        s.truncated_prompts,
+        s.cut_by_stop,
+        s.at_budget,
+    ) = (tokens as u64, truncated, cut, at_budget);
     s.generation_s = comm
         .all_gather_f64("the sampling time", &[s.generation_s])
         .into_iter()
@@ -336,6 +342,12 @@ fn has_response(r: &Record, source: &str, text: &str) -> bool {
         .any(|(t, s)| t == text && s == source)
 }
 
+/// The `finish_reasons` field: written only where a response ran into the token budget (absent = all complete, as
+/// in files without the field).
+fn finish_reasons(f: Vec<FinishReason>) -> Option<Vec<FinishReason>> {
+    f.contains(&FinishReason::Length).then_some(f)
+}
+
 /// Adds one prompt's responses to the output.
 fn apply(
     out: &mut Output,
@@ -347,12 +359,18 @@ fn apply(
 ) {
     summary.processed += 1;
     summary.generated += generated.len();
-    summary.cut_by_stop += generated.iter().filter(|(_, cut)| *cut).count();
+    summary.cut_by_stop += generated.iter().filter(|g| g.cut_by_stop).count();
+    summary.at_budget += generated
+        .iter()
+        .filter(|g| g.finish == FinishReason::Length)
+        .count();
     let mut responses: Vec<String> = Vec::new();
     let mut sources: Vec<String> = Vec::new();
-    for (text, _) in generated {
-        responses.push(text);
+    let mut finish: Vec<FinishReason> = Vec::new();
+    for g in generated {
+        responses.push(g.text);
         sources.push(plan.source.clone());
+        finish.push(g.finish);
     }
     let existing = match job.target {
         Target::Existing(i) => Some(i),
@@ -366,6 +384,7 @@ fn apply(
             }
             responses.push(text.clone());
             sources.push(src.clone());
+            finish.push(FinishReason::Stop);
             provided_added += 1;
         }
     }
@@ -383,6 +402,7 @@ fn apply(
                 responses,
                 scores,
                 sources: Some(sources),
+                finish_reasons: finish_reasons(finish),
             });
         }
         Some(i) => {
@@ -397,6 +417,14 @@ fn apply(
             if r.scores.take().is_some() {
                 summary.scores_dropped += 1;
             }
+            let old_finish = (0..r.responses.len()).map(|j| {
+                if r.unfinished(j) {
+                    FinishReason::Length
+                } else {
+                    FinishReason::Stop
+                }
+            });
+            r.finish_reasons = finish_reasons(old_finish.chain(finish).collect());
             r.responses.extend(responses);
             r.sources = Some(old_sources.into_iter().chain(sources).collect());
         }

@@ -8,6 +8,7 @@ use crate::client::{
     map_concurrent, messages_from_prompt, ApiKind, Client, ClientError, CompletionParams,
     EndpointConfig,
 };
+use crate::data::FinishReason;
 use crate::model::{load_model, LoadedModel};
 
 use super::args::{config_err, SampleConfig, SampleError, SampleSummary};
@@ -35,8 +36,35 @@ pub(super) struct Job {
 /// OpenAI accepts at most 4 stop strings; more are applied on our side only.
 pub(super) const MAX_API_STOPS: usize = 4;
 
-/// Responses generated for one prompt: `(text, cut at a stop string)`.
-pub(super) type Texts = Vec<(String, bool)>;
+/// One generated response.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Generated {
+    pub text: String,
+    /// Cut at a stop string.
+    pub cut_by_stop: bool,
+    /// `length` when it ran into `--max-new-tokens` without an EOS or a stop string.
+    pub finish: FinishReason,
+}
+
+impl Generated {
+    /// A response cut at its first stop string; `at_budget` = the generator stopped at its token budget.
+    fn new(text: &str, stops: &[String], at_budget: bool) -> Self {
+        let (text, cut_by_stop) = cut_at_stop(text, stops);
+        let finish = if at_budget && !cut_by_stop {
+            FinishReason::Length
+        } else {
+            FinishReason::Stop
+        };
+        Generated {
+            text,
+            cut_by_stop,
+            finish,
+        }
+    }
+}
+
+/// Responses generated for one prompt.
+pub(super) type Texts = Vec<Generated>;
 
 /// The response generator of a run.
 pub(super) enum Source {
@@ -164,7 +192,10 @@ impl Source {
                 let mut texts = Vec::with_capacity(batch.len());
                 for (job, r) in batch.iter().zip(results) {
                     match r {
-                        Ok(v) => texts.push(v.iter().map(|t| cut_at_stop(t, stops)).collect()),
+                        // The client does not return `finish_reason`: endpoint responses count as complete.
+                        Ok(v) => {
+                            texts.push(v.iter().map(|t| Generated::new(t, stops, false)).collect())
+                        }
                         Err(e) => {
                             let e = SampleError::Endpoint {
                                 prompts: cfg.prompts.clone(),
@@ -282,7 +313,7 @@ pub(super) fn local_batch(
             let new = &g.ids[..end];
             summary.generated_tokens += new.len() as u64;
             let text = continuation(tok, prompt_ids, &prompt_text, new)?;
-            texts.push(cut_at_stop(&text, stops));
+            texts.push(Generated::new(&text, stops, !g.finished));
         }
         out.push(texts);
     }

@@ -113,6 +113,7 @@ mod tests {
             responses: scores.iter().map(|_| "r".to_string()).collect(),
             scores: Some(scores.to_vec()),
             sources: sources.map(|s| s.iter().map(|x| x.to_string()).collect()),
+            finish_reasons: None,
         }
     }
 

@@ -42,6 +42,7 @@ fn rec(query: &str, responses: &[&str], scores: Option<&[f64]>) -> Record {
         responses: responses.iter().map(|s| s.to_string()).collect(),
         scores: scores.map(<[f64]>::to_vec),
         sources: None,
+        finish_reasons: None,
     }
 }
 
@@ -51,6 +52,7 @@ fn labelled(query: &str, chosen: &str, rejected: &str) -> Record {
         responses: vec![chosen.into(), rejected.into()],
         scores: Some(vec![1.0, 0.0]),
         sources: Some(vec!["dataset:chosen".into(), "dataset:rejected".into()]),
+        finish_reasons: None,
     }
 }
 

@@ -223,6 +223,7 @@ fn eval_agrees_with_sample_score_and_rank() {
                 responses: vec![g["response"].as_str().unwrap().into()],
                 scores: None,
                 sources: None,
+                finish_reasons: None,
             })
             .collect();
         let data = dir.join("gens.jsonl");

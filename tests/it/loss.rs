@@ -186,6 +186,7 @@ fn no_response_eos_leaves_responses_as_generated() {
         responses: vec![" world".into(), " there, friend".into(), "".into()],
         scores: Some(vec![1.0, 0.0, 0.5]),
         sources: None,
+        finish_reasons: None,
     };
     let mut opts = TokenizeOptions::new(64, None).unwrap();
     let with = tokenize_record(&m.tokenizer, &rec, &opts).unwrap();

@@ -478,3 +478,66 @@ fn sample_endpoint_that_ignores_n_is_asked_again() {
     assert_eq!(strs(&recs[1]["responses"]), ["once 0: two"; 3]);
     assert_eq!(strs(&recs[1]["sources"]), ["endpoint:m"; 3]);
 }
+
+#[test]
+fn responses_cut_at_the_token_budget_are_marked_and_train_without_eos() {
+    let dir = TempDir::new("finish");
+    let q = dir.write(
+        "q.jsonl",
+        "{\"query\": \"a\"}\n{\"query\": \"b\"}\n{\"query\": \"c\"}\n",
+    );
+    let (plain, stopped) = (dir.path("plain.jsonl"), dir.path("stopped.jsonl"));
+    let greedy = "sample --model {model} --prompts {in} --output {out} --strategy greedy --max-new-tokens 40";
+    ok(&argv(greedy, &[("in", &q), ("out", &plain)]));
+    ok(&argv(
+        &format!("{greedy} --stop Assistant"),
+        &[("in", &q), ("out", &stopped)],
+    ));
+    // The random fixture model never emits EOS: without a stop string every response runs into the budget.
+    for r in records(&plain) {
+        assert_eq!(strs(&r["finish_reasons"]), ["length"], "{r}");
+    }
+    let (mut cut, mut unfinished) = (0, 0);
+    for (p, s) in records(&plain).iter().zip(records(&stopped)) {
+        let full = p["responses"][0].as_str().unwrap();
+        let got = s["responses"][0].as_str().unwrap();
+        if s.get("finish_reasons").is_none() {
+            // Complete: it ended at the stop string, so the field is left out (all responses `stop`).
+            assert!(
+                full.starts_with(got) && full[got.len()..].trim_start().starts_with("Assistant"),
+                "{full:?} / {got:?}"
+            );
+            cut += 1;
+        } else {
+            assert_eq!(strs(&s["finish_reasons"]), ["length"]);
+            assert_eq!(full, got);
+            unfinished += 1;
+        }
+    }
+    assert!(
+        cut > 0 && unfinished > 0,
+        "both kinds: {cut} cut, {unfinished} unfinished"
+    );
+
+    // Training appends EOS to complete responses only.
+    let m = rrhf::model::load_model(
+        &fixtures().join("models/llama"),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let opts = rrhf::data::tokenize::TokenizeOptions::new(512, None).unwrap();
+    let read = rrhf::data::readers::read_records(
+        &stopped,
+        &rrhf::data::readers::ReadOptions {
+            require_scores: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for rec in &read.records {
+        let t = rrhf::data::tokenize::tokenize_record(&m.tokenizer, rec, &opts).unwrap();
+        let ends_in_eos = t.responses[0].last() == Some(&m.tokenizer.eos_id);
+        assert_eq!(ends_in_eos, !rec.unfinished(0), "{rec:?}");
+    }
+}

@@ -60,6 +60,7 @@ fn fixture_records(m: &Value) -> Fixture {
             responses: strs(&r["responses"]),
             scores: None,
             sources: r.get("sources").map(strs),
+            finish_reasons: None,
         });
         want.push(
             r["rewards"]
@@ -279,6 +280,7 @@ fn vader_reward_on_response_or_full_text() {
         responses: vec![" this film was wonderful!".into(), " it was awful.".into()],
         scores: None,
         sources: None,
+        finish_reasons: None,
     }];
     let data = dir.join("in.jsonl");
     write_records(&data, &recs).unwrap();
@@ -327,12 +329,14 @@ fn small_records() -> Vec<Record> {
             responses: vec![" Two plus two is four.".into(), " Five.".into(), "".into()],
             scores: Some(vec![1.0, -0.5, 0.25]),
             sources: None,
+            finish_reasons: None,
         },
         Record {
             query: "The cat sat".into(),
             responses: vec![" on the mat.".into(), " in the park in the morning.".into()],
             scores: Some(vec![0.0, 2.0]),
             sources: None,
+            finish_reasons: None,
         },
     ]
 }
@@ -545,6 +549,7 @@ fn judge_records() -> Vec<Record> {
         responses: (0..k).map(|i| format!("answer {i}")).collect(),
         scores: None,
         sources: None,
+        finish_reasons: None,
     };
     vec![
         rec("good", 3),

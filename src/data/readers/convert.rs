@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::{alpaca_prompt, InputFormat, PromptTemplate, ReadOptions};
-use crate::data::record::Record;
+use crate::data::record::{FinishReason, Record};
 
 /// A problem with one record: the field (a path such as `scores[1]`) and what is wrong.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,11 +206,37 @@ fn rrhf(obj: &Map<String, Value>, require_scores: bool) -> Result<Record, Bad> {
             ));
         }
     }
+    let finish_reasons = match str_list(obj, "finish_reasons")? {
+        None => None,
+        Some(list) => {
+            if list.len() != responses.len() {
+                return Err(Bad::at(
+                    "finish_reasons",
+                    format!(
+                        "{} finish reasons for {} responses: len(finish_reasons) must equal len(responses)",
+                        list.len(),
+                        responses.len()
+                    ),
+                ));
+            }
+            let mut out = Vec::with_capacity(list.len());
+            for (i, s) in list.iter().enumerate() {
+                out.push(FinishReason::parse(s).ok_or_else(|| {
+                    Bad::at(
+                        format!("finish_reasons[{i}]"),
+                        format!("`{s}` is not a finish reason: expected \"stop\" or \"length\""),
+                    )
+                })?);
+            }
+            Some(out)
+        }
+    };
     Ok(Record {
         query,
         responses,
         scores,
         sources,
+        finish_reasons,
     })
 }
 
@@ -233,6 +259,7 @@ fn labelled(query: String, chosen: String, rejected: String) -> Record {
         responses: vec![chosen, rejected],
         scores: Some(vec![1.0, 0.0]),
         sources: Some(vec!["dataset:chosen".into(), "dataset:rejected".into()]),
+        finish_reasons: None,
     }
 }
 
@@ -286,6 +313,7 @@ fn alpaca(obj: &Map<String, Value>) -> Result<Record, Bad> {
         responses: vec![output],
         scores: Some(vec![1.0]),
         sources: Some(vec!["dataset:output".into()]),
+        finish_reasons: None,
     })
 }
 
@@ -405,6 +433,24 @@ mod tests {
             InputFormat::Rrhf,
         );
         assert_eq!(b.field.as_deref(), Some("sources"));
+        let b = bad(
+            json!({"query": "q", "responses": ["a", "b"], "scores": [1, 0], "finish_reasons": ["stop"]}),
+            InputFormat::Rrhf,
+        );
+        assert_eq!(b.field.as_deref(), Some("finish_reasons"));
+        let b = bad(
+            json!({"query": "q", "responses": ["a", "b"], "scores": [1, 0], "finish_reasons": ["stop", "eos"]}),
+            InputFormat::Rrhf,
+        );
+        assert_eq!(b.field.as_deref(), Some("finish_reasons[1]"));
+        assert!(b.msg.contains("`eos`"), "{}", b.msg);
+        let r = to_record(
+            &json!({"query": "q", "responses": ["a", "b"], "finish_reasons": ["stop", "length"]}),
+            InputFormat::Rrhf,
+            &opts(false),
+        )
+        .unwrap();
+        assert!(!r.unfinished(0) && r.unfinished(1));
         let b = bad(json!(["q"]), InputFormat::Rrhf);
         assert_eq!(b.field, None);
         assert!(b.msg.contains("expected a JSON object"));

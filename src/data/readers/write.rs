@@ -55,5 +55,17 @@ fn check(path: &Path, i: usize, r: &Record) -> Result<(), DataError> {
             ));
         }
     }
+    if let Some(f) = &r.finish_reasons {
+        if f.len() != r.responses.len() {
+            return Err(bad(
+                "finish_reasons",
+                format!(
+                    "{} finish reasons for {} responses",
+                    f.len(),
+                    r.responses.len()
+                ),
+            ));
+        }
+    }
     Ok(())
 }
