@@ -59,21 +59,13 @@ fn open_cuda(n: usize) -> candle_core::Result<Device> {
 /// cannot be loaded: the panic is caught here and turned into an error that says what is missing.
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize) -> candle_core::Result<Device> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let opened = std::panic::catch_unwind(|| Device::new_cuda(n));
-    std::panic::set_hook(hook);
+    let opened = crate::panic::catch_quietly(|| Device::new_cuda(n));
     let msg = match opened {
         Ok(Ok(device)) => return Ok(device),
         Ok(Err(e)) => {
             format!("no CUDA device cuda:{n} found ({e}); check `nvidia-smi`, or pass --device cpu")
         }
-        Err(panic) => {
-            let detail = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown error".into());
+        Err(detail) => {
             if detail.contains("\"cuda\" shared library") {
                 // (cudarc's message lists three dozen file names; the one that matters is libcuda.so.1.)
                 "no CUDA device found: the NVIDIA driver library libcuda.so.1 cannot be loaded (no NVIDIA driver \

@@ -3,7 +3,7 @@
 //! The crate follows the pipeline: `data` → `sample` → `score` → `train` → `eval`, over a `model` layer.
 //!
 //! Imports go one way (README "Layout"; `tools/import_graph.py` checks it): the base modules (`alloc`, `rng`,
-//! `fsutil`, `device`, `progress`, `plot`) import nothing above them; `model` only the base; `data` the base and
+//! `fsutil`, `device`, `progress`, `plot`, `panic`) import nothing above them; `model` only the base; `data` the base and
 //! `model`; `dist` the base and `data`; the stages `sample`, `score`, `train` the base, `model`, `data` (and
 //! `client`, `dist`); `eval` also `sample` and `score`; `iterate`, `bench` and the binary everything.
 
@@ -41,6 +41,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod iterate;
 pub mod model;
+pub mod panic;
 pub mod plot;
 pub mod progress;
 pub mod rng;

@@ -15,7 +15,7 @@ import sys
 
 # Allowed direction (README "Layout"): what each top-level module may import besides itself. The base modules
 # (`lib`, `alloc`, `rng`, `fsutil`, `device`, `progress`, `plot`) import only each other; `main` and `iterate` may use all.
-BASE = {"lib", "alloc", "rng", "fsutil", "device", "progress", "plot"}
+BASE = {"lib", "alloc", "rng", "fsutil", "device", "progress", "plot", "panic"}
 ALLOWED = {
     "model": BASE,
     "client": BASE,

@@ -166,6 +166,10 @@ fn share_cores() {
 fn install_panic_abort() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        // A dependency's panic that its caller turns into an error is no reason to end the job.
+        if crate::panic::catching() {
+            return;
+        }
         default(info);
         world().abort(101);
     }));

@@ -1062,5 +1062,19 @@ fn corrupt_parquet_that_panics_the_parquet_crate_is_a_clean_error() {
                 && err.contains("the parquet reader failed on it"),
             "case {case}: {err}"
         );
+        // The binary reports it as an error only: the panic hook stays quiet (and under mpirun does not end the job).
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rrhf"))
+            .args(["score", "--reward", "labels", "--data"])
+            .arg(&p)
+            .arg("--output")
+            .arg(tmp.join(format!("case{case}.out.jsonl")))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {case}: refused");
+        assert!(
+            stderr.contains("the parquet reader failed on it") && !stderr.contains("panicked"),
+            "case {case}: {stderr}"
+        );
     }
 }

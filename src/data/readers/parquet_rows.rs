@@ -57,21 +57,14 @@ fn unreadable(path: &Path, row: Option<usize>, e: parquet::errors::ParquetError)
 /// column chunk offsets in the footer, a dictionary page missing, a truncated level buffer); such a panic is
 /// turned into the same "not a readable Parquet file" error as the crate's own failures.
 pub(super) fn read(path: &Path, opts: &ReadOptions) -> Result<ReadOutcome, DataError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_rows(path, opts))).unwrap_or_else(
-        |panic| {
-            let why = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("no message");
-            Err(DataError::invalid(
-                path,
-                None,
-                None,
-                format!("not a readable Parquet file: the parquet reader failed on it ({why}); the file is corrupt"),
-            ))
-        },
-    )
+    crate::panic::catch_quietly(|| read_rows(path, opts)).unwrap_or_else(|why| {
+        Err(DataError::invalid(
+            path,
+            None,
+            None,
+            format!("not a readable Parquet file: the parquet reader failed on it ({why}); the file is corrupt"),
+        ))
+    })
 }
 
 fn read_rows(path: &Path, opts: &ReadOptions) -> Result<ReadOutcome, DataError> {
