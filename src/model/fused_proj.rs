@@ -4,13 +4,12 @@
 //!   `[B, H, T, D]` layout attention reads. Composed, that is a linear, a reshape, a transpose, a contiguous copy
 //!   and the rotation: five graph nodes, and in candle's backward each one fills a zeroed buffer and adds the
 //!   gradient into it.
-//! - [`gate_up_swiglu`]: `silu(x @ W_gateᵀ) ⊙ (x @ W_upᵀ)`, the two MLP input projections and the gate as one node.
-//!   Its backward writes the two `[tokens, intermediate]` gradients into one buffer and sums the two input
-//!   gradients inside gemm (no separate add).
+//! - [`gate_up`]: the two MLP input projections as one node `[..., 2·I]`; its backward sums the two input gradients
+//!   inside gemm (no separate add).
+//! - [`swiglu_down`]: `silu(g) ⊙ u` and the down projection as one node that keeps no `[tokens, I]` activation:
+//!   backward forms it again from its input.
 //!
 //! Tests check values and gradients against the composed ops.
-
-use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 
@@ -252,15 +251,12 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp_approx(-x))
 }
 
-/// `silu(x @ W_gateᵀ) ⊙ (x @ W_upᵀ)`; keeps both projections for its backward.
-struct GateUpSwiGlu {
-    /// `[rows, 2·I]`: each row is the gate projection, then the up projection.
-    saved: Mutex<Arc<Vec<f32>>>,
-}
+/// `[x @ W_gateᵀ, x @ W_upᵀ]` side by side in the last dim (`[..., 2·I]`).
+struct GateUp;
 
-impl CustomOp3 for GateUpSwiGlu {
+impl CustomOp3 for GateUp {
     fn name(&self) -> &'static str {
-        "gate-up-swiglu"
+        "gate-up"
     }
 
     fn cpu_fwd(
@@ -278,15 +274,15 @@ impl CustomOp3 for GateUpSwiGlu {
         let (i, k2) = l2.shape().dims2()?;
         if k != k2 || l3.shape().dims2()? != (i, k) {
             candle_core::bail!(
-                "gate-up-swiglu: input {:?}, gate {:?}, up {:?}",
+                "gate-up: input {:?}, gate {:?}, up {:?}",
                 l1.shape(),
                 l2.shape(),
                 l3.shape()
             );
         }
-        let x = contiguous_f32(s1, l1, "swiglu input")?;
-        let wg = contiguous_f32(s2, l2, "swiglu gate weight")?;
-        let wu = contiguous_f32(s3, l3, "swiglu up weight")?;
+        let x = contiguous_f32(s1, l1, "gate-up input")?;
+        let wg = contiguous_f32(s2, l2, "gate weight")?;
+        let wu = contiguous_f32(s3, l3, "up weight")?;
         let mut gu = vec![0f32; n * 2 * i];
         // SAFETY: gu is n×2i (row stride 2i): the gate projection in columns 0..i, the up one in i..2i.
         unsafe {
@@ -303,23 +299,11 @@ impl CustomOp3 for GateUpSwiGlu {
                 );
             }
         }
-        let mut out = vec![0f32; n * i];
-        par_rows(&mut out, i.max(1), |r, o| {
-            let (g, u) = gu[r * 2 * i..(r + 1) * 2 * i].split_at(i);
-            for j in 0..i {
-                o[j] = g[j] * sigmoid(g[j]) * u[j];
-            }
-        });
-        *self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("gate-up-swiglu: poisoned state".into()))? =
-            Arc::new(gu);
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
-            *last = i;
+            *last = 2 * i;
         }
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        Ok((CpuStorage::F32(gu), Shape::from(shape)))
     }
 
     fn bwd(
@@ -332,61 +316,43 @@ impl CustomOp3 for GateUpSwiGlu {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (i, k) = wg_t.dims2()?;
         let n = x_t.elem_count().checked_div(k).unwrap_or(0);
-        let gu = self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("gate-up-swiglu: poisoned state".into()))?
-            .clone();
         let grad = grad.contiguous()?;
-        // d/dgate = grad ⊙ up ⊙ σ(g)(1 + g(1 − σ(g))), d/dup = grad ⊙ silu(g), side by side per row.
-        let mut dgu = vec![0f32; n * 2 * i];
-        with_slice(&grad, "swiglu gradient", |d| {
-            par_rows(&mut dgu, (2 * i).max(1), |r, o| {
-                let (g, u) = gu[r * 2 * i..(r + 1) * 2 * i].split_at(i);
-                let dr = &d[r * i..(r + 1) * i];
-                let (og, ou) = o.split_at_mut(i);
-                for j in 0..i {
-                    let s = sigmoid(g[j]);
-                    og[j] = dr[j] * u[j] * s * (1.0 + g[j] * (1.0 - s));
-                    ou[j] = dr[j] * g[j] * s;
-                }
-            });
-            Ok(())
-        })?;
         let mut dx = vec![0f32; n * k];
         let mut dwg = vec![0f32; i * k];
         let mut dwu = vec![0f32; i * k];
-        with_slice(x_t, "swiglu input", |x| {
-            with_slice(wg_t, "swiglu gate weight", |wg| {
-                with_slice(wu_t, "swiglu up weight", |wu| {
-                    // SAFETY: dgu is n×2i; dx = dg·W_gate + du·W_up (n×k), dW = d·ᵀ x (i×k).
-                    unsafe {
-                        for (w, col, acc) in [(wg, 0, false), (wu, i, true)] {
-                            gemm_f32(
-                                (n, k, i),
-                                dx.as_mut_ptr(),
-                                k,
-                                acc,
-                                dgu.as_ptr().add(col),
-                                (2 * i, 1),
-                                w.as_ptr(),
-                                (k, 1),
-                            );
+        with_slice(&grad, "gate-up gradient", |dgu| {
+            with_slice(x_t, "gate-up input", |x| {
+                with_slice(wg_t, "gate weight", |wg| {
+                    with_slice(wu_t, "up weight", |wu| {
+                        // SAFETY: dgu is n×2i; dx = dg·W_gate + du·W_up (n×k), dW = d·ᵀ x (i×k).
+                        unsafe {
+                            for (w, col, acc) in [(wg, 0, false), (wu, i, true)] {
+                                gemm_f32(
+                                    (n, k, i),
+                                    dx.as_mut_ptr(),
+                                    k,
+                                    acc,
+                                    dgu.as_ptr().add(col),
+                                    (2 * i, 1),
+                                    w.as_ptr(),
+                                    (k, 1),
+                                );
+                            }
+                            for (dw, col) in [(&mut dwg, 0), (&mut dwu, i)] {
+                                gemm_f32(
+                                    (i, k, n),
+                                    dw.as_mut_ptr(),
+                                    k,
+                                    false,
+                                    dgu.as_ptr().add(col),
+                                    (1, 2 * i),
+                                    x.as_ptr(),
+                                    (k, 1),
+                                );
+                            }
                         }
-                        for (dw, col) in [(&mut dwg, 0), (&mut dwu, i)] {
-                            gemm_f32(
-                                (i, k, n),
-                                dw.as_mut_ptr(),
-                                k,
-                                false,
-                                dgu.as_ptr().add(col),
-                                (1, 2 * i),
-                                x.as_ptr(),
-                                (k, 1),
-                            );
-                        }
-                    }
-                    Ok(())
+                        Ok(())
+                    })
                 })
             })
         })?;
@@ -399,15 +365,146 @@ impl CustomOp3 for GateUpSwiGlu {
     }
 }
 
-/// `silu(x @ w_gateᵀ) ⊙ (x @ w_upᵀ)` for f32 CPU `x` `[..., K]`, weights `[I, K]`: `[..., I]`.
-pub fn gate_up_swiglu(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &w_gate.contiguous()?,
-        &w_up.contiguous()?,
-        GateUpSwiGlu {
-            saved: Mutex::new(Arc::new(Vec::new())),
-        },
-    )
+/// The two MLP input projections of f32 CPU `x` `[..., K]` (weights `[I, K]`) side by side: `[..., 2·I]`.
+pub fn gate_up(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w_gate.contiguous()?, &w_up.contiguous()?, GateUp)
+}
+
+/// `silu(g) ⊙ u` of one row of `[g, u]` into `out`.
+#[inline(always)]
+fn swiglu_row(gu: &[f32], out: &mut [f32]) {
+    let (g, u) = gu.split_at(out.len());
+    for j in 0..out.len() {
+        out[j] = g[j] * sigmoid(g[j]) * u[j];
+    }
+}
+
+/// `(silu(g) ⊙ u) @ W_downᵀ` for `gu = [g, u]` `[..., 2·I]` and `W_down` `[H, I]`. The gated activation is formed
+/// a row block at a time and not kept: backward forms it again from `gu` (one element-wise pass) instead of the
+/// graph holding `[tokens, I]` per layer until then.
+struct SwiGluDown;
+
+impl CustomOp2 for SwiGluDown {
+    fn name(&self) -> &'static str {
+        "swiglu-down"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims();
+        let two_i = dims.last().copied().unwrap_or(0);
+        let n = l1.shape().elem_count().checked_div(two_i).unwrap_or(0);
+        let (h, i) = l2.shape().dims2()?;
+        if two_i != 2 * i {
+            candle_core::bail!(
+                "swiglu-down: input {:?} does not fit weight {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let gu = contiguous_f32(s1, l1, "swiglu-down input")?;
+        let w = contiguous_f32(s2, l2, "down weight")?;
+        let mut act = vec![0f32; n * i];
+        par_rows(&mut act, i.max(1), |r, o| {
+            swiglu_row(&gu[r * two_i..][..two_i], o)
+        });
+        let mut out = vec![0f32; n * h];
+        // SAFETY: out = act (n×i) · W_downᵀ (i×h), Wᵀ[l, j] = W[j, l] at j·i + l.
+        unsafe {
+            gemm_f32(
+                (n, h, i),
+                out.as_mut_ptr(),
+                h,
+                false,
+                act.as_ptr(),
+                (i, 1),
+                w.as_ptr(),
+                (1, i),
+            )
+        };
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = h;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        gu_t: &Tensor,
+        w_t: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (h, i) = w_t.dims2()?;
+        let n = gu_t.elem_count().checked_div(2 * i).unwrap_or(0);
+        let grad = grad.contiguous()?;
+        let mut dgu = vec![0f32; n * 2 * i];
+        let mut dw = vec![0f32; h * i];
+        with_slice(gu_t, "swiglu-down input", |gu| {
+            with_slice(w_t, "down weight", |w| {
+                with_slice(&grad, "swiglu-down gradient", |d| {
+                    let mut act = vec![0f32; n * i];
+                    par_rows(&mut act, i.max(1), |r, o| {
+                        swiglu_row(&gu[r * 2 * i..][..2 * i], o)
+                    });
+                    let mut dact = vec![0f32; n * i];
+                    // SAFETY: dW = dᵀ (h×n) · act (n×i); d_act = d (n×h) · W (h×i).
+                    unsafe {
+                        gemm_f32(
+                            (h, i, n),
+                            dw.as_mut_ptr(),
+                            i,
+                            false,
+                            d.as_ptr(),
+                            (1, h),
+                            act.as_ptr(),
+                            (i, 1),
+                        );
+                        gemm_f32(
+                            (n, i, h),
+                            dact.as_mut_ptr(),
+                            i,
+                            false,
+                            d.as_ptr(),
+                            (h, 1),
+                            w.as_ptr(),
+                            (i, 1),
+                        );
+                    }
+                    // d/dg = d_act ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))), d/du = d_act ⊙ silu(g).
+                    par_rows(&mut dgu, (2 * i).max(1), |r, o| {
+                        let (g, u) = gu[r * 2 * i..(r + 1) * 2 * i].split_at(i);
+                        let dr = &dact[r * i..(r + 1) * i];
+                        let (og, ou) = o.split_at_mut(i);
+                        for j in 0..i {
+                            let s = sigmoid(g[j]);
+                            og[j] = dr[j] * u[j] * s * (1.0 + g[j] * (1.0 - s));
+                            ou[j] = dr[j] * g[j] * s;
+                        }
+                    });
+                    Ok(())
+                })
+            })
+        })?;
+        let dev = gu_t.device();
+        Ok((
+            Some(Tensor::from_vec(dgu, gu_t.shape(), dev)?),
+            Some(Tensor::from_vec(dw, (h, i), dev)?),
+        ))
+    }
+}
+
+/// `(silu(g) ⊙ u) @ w_downᵀ` for f32 CPU `gu = [g, u]` `[..., 2·I]` (see [`gate_up`]), `w_down` `[H, I]`.
+pub fn swiglu_down(gu: &Tensor, w_down: &Tensor) -> candle_core::Result<Tensor> {
+    gu.contiguous()?
+        .apply_op2(&w_down.contiguous()?, SwiGluDown)
 }
 
 #[cfg(test)]
@@ -441,13 +538,30 @@ mod tests {
     }
 
     #[test]
-    fn gate_up_swiglu_equals_two_linears_and_the_gate() {
+    fn gate_up_equals_two_linears_side_by_side() {
         check(
             &[rand(&[2, 9, 11], 5), rand(&[13, 11], 6), rand(&[13, 11], 7)],
-            |x| gate_up_swiglu(&x[0], &x[1], &x[2]).unwrap(),
+            |x| gate_up(&x[0], &x[1], &x[2]).unwrap(),
             |x| {
                 let proj = |w: &Tensor| x[0].matmul(&w.t().unwrap().broadcast_left(2).unwrap());
-                (proj(&x[1]).unwrap().silu().unwrap() * proj(&x[2]).unwrap()).unwrap()
+                Tensor::cat(&[proj(&x[1]).unwrap(), proj(&x[2]).unwrap()], 2).unwrap()
+            },
+            1e-4,
+        );
+    }
+
+    #[test]
+    fn swiglu_down_equals_the_gate_then_a_linear() {
+        let i = 13;
+        check(
+            &[rand(&[2, 9, 2 * i], 8), rand(&[11, i], 9)],
+            |x| swiglu_down(&x[0], &x[1]).unwrap(),
+            |x| {
+                let g = x[0].narrow(2, 0, i).unwrap();
+                let u = x[0].narrow(2, i, i).unwrap();
+                let act = (g.silu().unwrap() * u).unwrap();
+                act.matmul(&x[1].t().unwrap().broadcast_left(2).unwrap())
+                    .unwrap()
             },
             1e-4,
         );

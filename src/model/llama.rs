@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use super::config::Activation;
 use super::config::LlamaConfig;
 use super::error::Result;
-use super::fused_proj::{gate_up_swiglu, heads_linear};
+use super::fused_proj::{gate_up, heads_linear, swiglu_down};
 use super::input::Input;
 use super::layers::{
     attention, fused_ok, gated, merge_heads, rope_inv_freq, split_heads, Attend, AttnMask, Dense,
@@ -130,6 +130,7 @@ impl Llama {
                         &blk.v_proj,
                         &blk.gate_proj,
                         &blk.up_proj,
+                        &blk.down_proj,
                     ]
                     .into_iter()
                     .all(plain) =>
@@ -155,8 +156,8 @@ impl Llama {
         let a = merge_heads(&attention(&q, &k, &v, mask, scale)?)?;
         let x = (x + blk.o_proj.forward(&a)?)?;
         let hs = blk.post_attention_layernorm.forward(&x)?;
-        let act = gate_up_swiglu(&hs, &blk.gate_proj.weight, &blk.up_proj.weight)?;
-        Ok((x + blk.down_proj.forward(&act)?)?)
+        let gu = gate_up(&hs, &blk.gate_proj.weight, &blk.up_proj.weight)?;
+        Ok((x + swiglu_down(&gu, &blk.down_proj.weight)?)?)
     }
 
     /// The decoder stack over `ids` at `positions`, with the dense layers and attention supplied by the caller:
