@@ -73,11 +73,32 @@ struct Row {
     visible: Vec<Vec<u32>>,
 }
 
-/// Builds the model input for `records` in `layout`; rows are right-padded with `pad_id`.
+/// Tokens a packed row holds at most before its responses are split over several rows, each starting with the
+/// query (unless one query and response alone are longer). The row's attention mask is `[T, T]` bytes on the
+/// host and every row of a batch is padded to the longest one, so one query with many long responses would
+/// otherwise cost quadratic memory and pad every other row of its batch to its length.
+pub const MAX_PACKED_ROW: usize = 4096;
+
+/// Builds the model input for `records` in `layout`; rows are right-padded with `pad_id`. Packed rows hold at
+/// most [`MAX_PACKED_ROW`] tokens (see [`build_batch_limited`]).
 pub fn build_batch(
     records: &[&TokenizedRecord],
     layout: Layout,
     pad_id: u32,
+    device: &Device,
+) -> Result<TokenBatch, ModelError> {
+    build_batch_limited(records, layout, pad_id, MAX_PACKED_ROW, device)
+}
+
+/// As [`build_batch`], with packed rows of at most `max_row` tokens: a query whose responses do not fit in one
+/// row gets several, each `[query, some of its responses]` with the responses in order (a response that does not
+/// fit beside the query even alone gets a row of its own). Labels keep their order (record, response, token), so
+/// the loss sees the same log-probs as from one row.
+pub fn build_batch_limited(
+    records: &[&TokenizedRecord],
+    layout: Layout,
+    pad_id: u32,
+    max_row: usize,
     device: &Device,
 ) -> Result<TokenBatch, ModelError> {
     let mut rows: Vec<Row> = Vec::new();
@@ -115,17 +136,26 @@ pub fn build_batch(
                 }
             }
             Layout::Packed => {
-                let mut ids = rec.query.clone();
-                let mut pos: Vec<u32> = (0..q as u32).collect();
-                let mut visible: Vec<Vec<u32>> = (0..q).map(|i| (0..=i as u32).collect()).collect();
-                let row = rows.len();
+                let new_row = || Row {
+                    ids: rec.query.clone(),
+                    pos: (0..q as u32).collect(),
+                    visible: (0..q).map(|i| (0..=i as u32).collect()).collect(),
+                };
+                let mut cur = new_row();
+                let mut row = rows.len();
                 for resp in &rec.responses {
-                    let start = ids.len();
+                    if cur.ids.len() > q && cur.ids.len() + resp.len() > max_row {
+                        tokens += cur.ids.len();
+                        rows.push(std::mem::replace(&mut cur, new_row()));
+                        row = rows.len();
+                    }
+                    let start = cur.ids.len();
                     for (j, &tok) in resp.iter().enumerate() {
                         let here = start + j;
-                        ids.push(tok);
-                        pos.push((q + j) as u32);
-                        visible.push((0..q as u32).chain(start as u32..=here as u32).collect());
+                        cur.ids.push(tok);
+                        cur.pos.push((q + j) as u32);
+                        cur.visible
+                            .push((0..q as u32).chain(start as u32..=here as u32).collect());
                         let from = if j == 0 { q - 1 } else { here - 1 };
                         label_at.push((row, from));
                         label_ids.push(tok);
@@ -133,8 +163,8 @@ pub fn build_batch(
                     }
                     resp_index += 1;
                 }
-                tokens += ids.len();
-                rows.push(Row { ids, pos, visible });
+                tokens += cur.ids.len();
+                rows.push(cur);
             }
         }
     }
@@ -171,4 +201,46 @@ pub fn build_batch(
         n_tokens,
         tokens,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(q: usize, lens: &[usize]) -> TokenizedRecord {
+        TokenizedRecord {
+            query: (1..=q as u32).collect(),
+            responses: lens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| (0..n as u32).map(|t| 100 * (i as u32 + 1) + t).collect())
+                .collect(),
+            scores: lens.iter().map(|_| 0.0).collect(),
+            query_truncated: false,
+            responses_truncated: 0,
+        }
+    }
+
+    #[test]
+    fn long_packed_rows_split_into_rows_that_each_start_with_the_query() {
+        let rec = record(4, &[3, 2, 5, 1]);
+        let one = build_batch(&[&rec], Layout::Packed, 0, &Device::Cpu).unwrap();
+        // Rows of at most 10 tokens: [q, y1, y2] (9 tokens), [q, y3, y4] (10).
+        let split = build_batch_limited(&[&rec], Layout::Packed, 0, 10, &Device::Cpu).unwrap();
+        assert_eq!(one.input.dims(), (1, 15));
+        assert_eq!(split.input.dims(), (2, 10));
+        assert_eq!(split.tokens, 9 + 10);
+        assert_eq!(split.labels.ids, one.labels.ids);
+        assert_eq!(split.response_of_label, one.response_of_label);
+        assert_eq!(split.n_tokens, one.n_tokens);
+        let ids = split.input.ids.to_vec2::<u32>().unwrap();
+        for row in &ids {
+            assert_eq!(&row[..4], &[1, 2, 3, 4]);
+        }
+        // The first label of response 3 is predicted from the last query position of the second row.
+        assert_eq!(split.labels.flat_positions[5], 10 + 3);
+        // A response longer than the limit beside the query still gets a row of its own.
+        let tiny = build_batch_limited(&[&rec], Layout::Packed, 0, 1, &Device::Cpu).unwrap();
+        assert_eq!(tiny.input.dims().0, 4);
+    }
 }

@@ -105,7 +105,7 @@ impl Stages<'_> {
                 .ok_or_else(|| ModelError::Input("stages: no rotary tables".into()))
         };
         match &self.model.arch {
-            Arch::Llama(m) => m.block(i, x, rotary()?, &dense, &mut attend),
+            Arch::Llama(m) => m.block_masked(i, x, rotary()?, &self.mask),
             Arch::Gpt2(m) => m.block(i, x, &mut attend),
             Arch::GptNeox(m) => m.block(i, x, rotary()?, &dense, &mut attend),
         }

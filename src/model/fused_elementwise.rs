@@ -204,6 +204,11 @@ impl RopeTables {
         }
     }
 
+    /// `cos`, `sin` (`[B, T, R/2]`) and the rotary width `R`.
+    pub(crate) fn parts(&self) -> (&[f32], &[f32], usize) {
+        (&self.cos, &self.sin, self.rotary_dim)
+    }
+
     /// Rotates f32 CPU `x` `[B, H, T, D]`.
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.contiguous()?.apply_op1(RopeOp {

@@ -22,7 +22,9 @@ impl CustomOp2 for LinearOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
+        let dims = l1.shape().dims();
+        let k = dims.last().copied().unwrap_or(0);
+        let m = l1.shape().elem_count().checked_div(k).unwrap_or(0);
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 {
             candle_core::bail!(
@@ -61,7 +63,11 @@ impl CustomOp2 for LinearOp {
                 );
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 
     fn bwd(
@@ -71,13 +77,18 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = g.matmul(w)?;
-        let dw = g.t()?.matmul(x)?;
+        let (n, k) = w.dims2()?;
+        let m = x.elem_count().checked_div(k).unwrap_or(0);
+        let g = g.contiguous()?.reshape((m, n))?;
+        let x2 = x.reshape((m, k))?;
+        let dx = g.matmul(w)?.reshape(x.shape())?;
+        let dw = g.t()?.matmul(&x2)?;
         Ok((Some(dx), Some(dw)))
     }
 }
 
-/// `x @ wᵀ` for f32 CPU tensors, `x` `[M, K]`, `w` `[N, K]`.
+/// `x @ wᵀ` for f32 CPU tensors, `x` `[..., K]`, `w` `[N, K]`: `[..., N]` (no reshape nodes around it: in
+/// candle's backward each would fill a zeroed buffer and add the gradient into it).
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)
 }
@@ -88,11 +99,20 @@ mod tests {
     use crate::model::fused_elementwise::tests::{check, rand};
 
     #[test]
-    fn fused_linear_matches_matmul_with_gradients() {
+    fn fused_linear_matches_matmul_with_gradients_in_2d_and_3d() {
         check(
             &[rand(&[37, 19], 1), rand(&[23, 19], 2)],
             |t| linear(&t[0], &t[1]).unwrap(),
             |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+            1e-4,
+        );
+        check(
+            &[rand(&[3, 5, 19], 3), rand(&[23, 19], 4)],
+            |t| linear(&t[0], &t[1]).unwrap(),
+            |t| {
+                t[0].matmul(&t[1].t().unwrap().broadcast_left(3).unwrap())
+                    .unwrap()
+            },
             1e-4,
         );
     }

@@ -46,14 +46,7 @@ impl Linear {
     /// `x @ Wᵀ + b` over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if fused_ok(&[x, &self.weight]) {
-            let dims = x.dims();
-            let k = dims[dims.len() - 1];
-            let y =
-                fused_linear::linear(&x.reshape((x.elem_count() / k.max(1), k))?, &self.weight)?;
-            let mut out = dims.to_vec();
-            let last = out.len() - 1;
-            out[last] = self.weight.dim(0)?;
-            y.reshape(out)?
+            fused_linear::linear(x, &self.weight)?
         } else {
             matmul_2d(x, &self.weight.t()?)?
         };
@@ -223,6 +216,14 @@ impl Rotary {
         })
     }
 
+    /// The host tables of the fused CPU rotation, where this forward uses it.
+    pub(crate) fn fused_tables(&self) -> Option<&RopeTables> {
+        match &self.tables {
+            RotaryTables::Fused(t) => Some(t),
+            RotaryTables::Tensors { .. } => None,
+        }
+    }
+
     /// Rotates the first `rotary_dim` dims of `x` (`[B, H, T, head_dim]`); the rest pass through.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let head_dim = x.dim(D::Minus1)?;
@@ -265,6 +266,11 @@ pub struct AttnMask {
 }
 
 impl AttnMask {
+    /// Whether attention under this mask runs the fused span attention (f32 CPU inputs).
+    pub(crate) fn has_spans(&self) -> bool {
+        self.spans.is_some()
+    }
+
     /// From a boolean mask `[B, Tq, Tk]` (u8, 1 = query position may attend key position).
     pub fn new(mask: &Tensor) -> Result<Self> {
         let mut m = Self::composed(mask)?;

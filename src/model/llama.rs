@@ -2,12 +2,14 @@
 
 use candle_core::Tensor;
 
+use super::config::Activation;
 use super::config::LlamaConfig;
 use super::error::Result;
+use super::fused_proj::{gate_up, heads_linear, swiglu_down};
 use super::input::Input;
 use super::layers::{
-    attention, gated, merge_heads, rope_inv_freq, split_heads, Attend, AttnMask, Dense, Linear,
-    RmsNorm, Rotary,
+    attention, fused_ok, gated, merge_heads, rope_inv_freq, split_heads, Attend, AttnMask, Dense,
+    Linear, RmsNorm, Rotary,
 };
 use super::weights::Weights;
 
@@ -97,12 +99,65 @@ impl Llama {
     /// Final hidden states `[B, T, hidden]` after the last norm.
     pub fn hidden(&self, input: &Input) -> Result<Tensor> {
         let mask = AttnMask::new(&input.mask)?;
-        self.body(
-            &input.ids,
-            &input.positions,
-            &|l, x| l.forward(x),
-            &mut |_, q, k, v, scale| attention(q, k, v, &mask, scale),
-        )
+        let mut x = self.embed(&input.ids)?;
+        let rotary = self.rotary(&input.positions, x.dtype())?;
+        for layer in 0..self.blocks.len() {
+            x = self.block_masked(layer, &x, &rotary, &mask)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Decoder block `layer` applied to `x` under `mask` (the whole input at once): on f32 CPU tensors the
+    /// projections are fused with what follows them (`fused_proj.rs`), elsewhere as [`Llama::block`].
+    pub(crate) fn block_masked(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &AttnMask,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let blk = &self.blocks[layer];
+        let plain = |l: &Linear| l.bias.is_none() && fused_ok(&[&l.weight]);
+        let fused = match rotary.fused_tables() {
+            Some(tables)
+                if mask.has_spans()
+                    && c.hidden_act == Activation::Silu
+                    && fused_ok(&[x])
+                    && [
+                        &blk.q_proj,
+                        &blk.k_proj,
+                        &blk.v_proj,
+                        &blk.gate_proj,
+                        &blk.up_proj,
+                        &blk.down_proj,
+                    ]
+                    .into_iter()
+                    .all(plain) =>
+            {
+                Some(tables)
+            }
+            _ => None,
+        };
+        let Some(tables) = fused else {
+            return self.block(
+                layer,
+                x,
+                rotary,
+                &|l, x| l.forward(x),
+                &mut |_, q, k, v, scale| attention(q, k, v, mask, scale),
+            );
+        };
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let hs = blk.input_layernorm.forward(x)?;
+        let q = heads_linear(&hs, &blk.q_proj.weight, c.num_attention_heads, Some(tables))?;
+        let k = heads_linear(&hs, &blk.k_proj.weight, c.num_key_value_heads, Some(tables))?;
+        let v = heads_linear(&hs, &blk.v_proj.weight, c.num_key_value_heads, None)?;
+        let a = merge_heads(&attention(&q, &k, &v, mask, scale)?)?;
+        let x = (x + blk.o_proj.forward(&a)?)?;
+        let hs = blk.post_attention_layernorm.forward(&x)?;
+        let gu = gate_up(&hs, &blk.gate_proj.weight, &blk.up_proj.weight)?;
+        Ok((x + swiglu_down(&gu, &blk.down_proj.weight)?)?)
     }
 
     /// The decoder stack over `ids` at `positions`, with the dense layers and attention supplied by the caller:

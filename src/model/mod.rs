@@ -19,6 +19,7 @@ pub mod fused_attention;
 pub mod fused_elementwise;
 pub mod fused_head;
 pub mod fused_linear;
+pub mod fused_proj;
 pub mod gguf;
 pub mod gpt2;
 pub mod gpt_j;

@@ -1,9 +1,9 @@
 //! The RRHF loss on a tiny LLaMA against an independent PyTorch implementation (tests/fixtures/loss, written by
 //! tools/make_loss_fixtures.py): tokenisation, p_i, both loss terms, dL/dp and parameter gradients, in both the
-//! packed and the padded layout.
+//! packed and the padded layout, and with packed rows split over several rows per query.
 
 use candle_core::{DType, Device, Var};
-use rrhf::data::batch::{build_batch, Layout};
+use rrhf::data::batch::{build_batch_limited, Layout, MAX_PACKED_ROW};
 use rrhf::data::tokenize::{tokenize_record, TokenizeOptions};
 use rrhf::data::Record;
 use rrhf::train::loss::{rrhf_loss, LossConfig};
@@ -73,8 +73,30 @@ fn loss_matches_pytorch_reference() {
         }
         let refs: Vec<_> = toks.iter().collect();
         let scores: Vec<Vec<f64>> = toks.iter().map(|t| t.scores.clone()).collect();
-        for layout in [Layout::Packed, Layout::Padded] {
-            let batch = build_batch(&refs, layout, m.tokenizer.pad_id, &Device::Cpu).unwrap();
+        // Packed rows also split over several rows per query: one response per row, and rows that hold the
+        // first two responses of the longest such pair (later ones spill over).
+        let two = toks
+            .iter()
+            .map(|t| t.query.len() + t.responses.iter().take(2).map(Vec::len).sum::<usize>())
+            .max()
+            .unwrap();
+        let layouts = [
+            (Layout::Packed, MAX_PACKED_ROW),
+            (Layout::Padded, MAX_PACKED_ROW),
+            (Layout::Packed, 1),
+            (Layout::Packed, two),
+        ];
+        for (layout, max_row) in layouts {
+            let batch =
+                build_batch_limited(&refs, layout, m.tokenizer.pad_id, max_row, &Device::Cpu)
+                    .unwrap();
+            if layout == Layout::Packed && max_row == 1 {
+                assert_eq!(
+                    batch.input.dims().0,
+                    batch.n_responses(),
+                    "{name}: one row each"
+                );
+            }
             let (trainable, vars) = m.model.trainable().unwrap();
             let lp = trainable
                 .label_logprobs(&batch.input, &batch.labels)
@@ -87,7 +109,7 @@ fn loss_matches_pytorch_reference() {
                 &cfg,
             )
             .unwrap();
-            let what = format!("{name}/{layout}");
+            let what = format!("{name}/{layout}, rows of at most {max_row} tokens");
             close(
                 out.loss.to_scalar::<f32>().unwrap() as f64,
                 e["loss"].as_f64().unwrap(),
