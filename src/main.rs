@@ -184,6 +184,9 @@ enum BenchCommand {
         /// With --model: print one JSON object (rows with the generated ids, and the prompt ids).
         #[arg(long)]
         json: bool,
+        /// With --model: bf16 decodes with bf16 copies of the matrices (as `rrhf sample --decode-dtype bf16`).
+        #[arg(long)]
+        decode_dtype: Option<DTypeSpec>,
     },
     /// Seconds per AdamW step on 45M parameters: rrhf's fused update against candle_nn's AdamW.
     Optim {
@@ -254,10 +257,16 @@ fn bench_generate_real(
     dtype: DTypeSpec,
     bench: &rrhf::bench::RealGenerateBench,
     json: bool,
+    decode_dtype: Option<DTypeSpec>,
 ) -> Result<()> {
     let dev = device.open()?;
-    let loaded = rrhf::model::load_model(model, &dev, dtype.dtype())
+    let mut loaded = rrhf::model::load_model(model, &dev, dtype.dtype())
         .with_context(|| format!("loading {}", model.display()))?;
+    match decode_dtype {
+        None | Some(DTypeSpec::F32) => {}
+        Some(DTypeSpec::Bf16) => loaded.model.enable_bf16_decode()?,
+        Some(DTypeSpec::F16) => anyhow::bail!("--decode-dtype takes f32 or bf16"),
+    }
     let (texts, _) = rrhf::sample::prompts::read_prompts(
         prompts,
         rrhf::data::readers::InputFormat::Auto,
@@ -572,6 +581,7 @@ fn run(cli: Cli) -> Result<()> {
                 strategy,
                 num_beams,
                 json,
+                decode_dtype,
             } => {
                 if let Some(model) = model {
                     let b = rrhf::bench::RealGenerateBench {
@@ -586,6 +596,7 @@ fn run(cli: Cli) -> Result<()> {
                         dtype,
                         &b,
                         json,
+                        decode_dtype,
                     );
                 }
                 let prompts: usize = prompts

@@ -44,6 +44,9 @@ def main():
     ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--only", default=None, help="comma-separated subset: greedy,beam,diverse")
     ap.add_argument("--rrhf", default=None, help="path of the rrhf binary: run `rrhf bench generate` too")
+    ap.add_argument("--decode-dtype", default="f32", choices=["f32", "bf16"],
+                    help="with --model: rrhf decodes with bf16 copies of the matrices (an approximation: ids may "
+                         "differ from transformers' f32 ones)")
     a = ap.parse_args()
     if a.model:
         return real(a)
@@ -121,14 +124,14 @@ def real(a):
         raise SystemExit("--model needs --rrhf BIN (the prompt ids come from rrhf's tokenizer)")
     out = subprocess.run([a.rrhf, "bench", "generate", "--model", a.model, "--prompts", a.prompts,
                           "--max-new-tokens", str(a.max_new_tokens), "--strategy", a.strategy,
-                          "--num-beams", str(a.num_beams), "--json"],
+                          "--num-beams", str(a.num_beams), "--decode-dtype", a.decode_dtype, "--json"],
                          check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     prompts = r["prompts"]
     model = transformers.AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32).eval()
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{model.config._attn_implementation} attention, f32; {a.model}, {len(prompts)} prompts one at a time, "
-          f"at most {a.max_new_tokens} new tokens, stop ids {r['stop_ids']}")
+          f"at most {a.max_new_tokens} new tokens, stop ids {r['stop_ids']}; rrhf decode weights {a.decode_dtype}")
     kws = {
         "greedy": dict(do_sample=False, num_beams=1),
         "beam": dict(do_sample=False, num_beams=r["num_beams"], length_penalty=r["length_penalty"],

@@ -123,6 +123,10 @@ pub struct EvalConfig {
     /// f32, bf16 or f16 (every model of the run).
     #[arg(long, default_value = "f32")]
     pub dtype: DTypeSpec,
+    /// bf16: the greedy generations read bf16 copies of an f32 LLaMA's matrices (faster on the CPU; an
+    /// approximation of each model; perplexity and p_i stay f32). Default f32.
+    #[arg(long)]
+    pub decode_dtype: Option<DTypeSpec>,
 }
 
 /// An error of `rrhf eval`.
@@ -272,6 +276,7 @@ fn sample_config(
         batch_prompts: cfg.batch_prompts,
         device: cfg.device,
         dtype: cfg.dtype,
+        decode_dtype: cfg.decode_dtype,
         format: cfg.format,
         prompt_template: cfg.prompt_template,
         skip_invalid: cfg.skip_invalid,

@@ -203,6 +203,7 @@ impl IterateConfig {
             batch_prompts: s.batch_prompts,
             device: self.model.device,
             dtype: self.model.dtype,
+            decode_dtype: None,
             format: self.records.format,
             prompt_template: self.records.prompt_template,
             skip_invalid: self.records.skip_invalid,
@@ -325,6 +326,7 @@ impl IterateConfig {
             length_penalty: self.train.length_penalty,
             device: self.model.device,
             dtype: self.model.dtype,
+            decode_dtype: None,
         }
     }
 }

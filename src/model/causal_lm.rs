@@ -328,10 +328,47 @@ impl CausalLm {
         }
     }
 
+    /// Makes decoding read bf16 copies of the weight matrices (`--decode-dtype bf16`): about half the bytes per
+    /// token on the CPU, an approximation of the f32 policy. LLaMA-architecture models in f32 only; training and
+    /// scoring never use the copies.
+    pub fn enable_bf16_decode(&mut self) -> Result<()> {
+        if self.lm_head().dtype() != DType::F32 || !self.lm_head().device().is_cpu() {
+            return Err(ModelError::Input(
+                "--decode-dtype bf16 is for f32 models on the CPU (with --dtype bf16 every step is bf16 already)"
+                    .into(),
+            ));
+        }
+        match &mut self.arch {
+            Arch::Llama(m) => m.enable_bf16_decode(),
+            _ => Err(ModelError::Input(
+                "--decode-dtype bf16 is implemented for LLaMA-architecture models (LLaMA, SmolLM2, TinyLlama)".into(),
+            )),
+        }
+    }
+
     /// Logits (f32, `[B, vocab]`) at the last position of hidden states `[B, T, hidden]`.
     pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (_, t, _) = hidden.dims3()?;
         let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        if let Arch::Llama(m) = &self.arch {
+            let rows = last.dim(0)?;
+            if let Some(head) = m.decode_head_bf16() {
+                if last.dtype() == DType::F32
+                    && last.device().is_cpu()
+                    && rows <= super::decode_matmul::STEP_ROWS_MAX
+                {
+                    let k = last.dim(1)?;
+                    let x = last.flatten_all()?.to_vec1::<f32>()?;
+                    let y = super::decode_matmul::matmul_rows_w(
+                        &x,
+                        rows,
+                        k,
+                        super::decode_matmul::WeightRows::Bf16(head),
+                    );
+                    return Ok(Tensor::from_vec(y, (rows, head.len() / k), last.device())?);
+                }
+            }
+        }
         let logits = super::kv_cache::step_linear(&last, self.lm_head(), None)?;
         Ok(if logits.dtype() == DType::F64 {
             logits

@@ -35,6 +35,16 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Tensor,
     inv_freq: Vec<f64>,
+    /// bf16 copies of the matrices for the host decoding step (`--decode-dtype bf16`); never used in training.
+    decode_bf16: Option<std::sync::Arc<DecodeBf16>>,
+}
+
+/// The bf16 copies of [`Llama`]'s matrices that the host decoding step reads instead of the f32 weights.
+#[derive(Debug)]
+struct DecodeBf16 {
+    /// Per block: q, k, v, o, gate, up, down.
+    blocks: Vec<[Vec<half::bf16>; 7]>,
+    lm_head: Vec<half::bf16>,
 }
 
 fn linear(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -93,6 +103,7 @@ impl Llama {
             norm: norm("model.norm.weight")?,
             lm_head,
             inv_freq: rope_inv_freq(&cfg.rope),
+            decode_bf16: None,
         })
     }
 
@@ -255,6 +266,40 @@ impl Llama {
     }
 }
 
+impl Llama {
+    /// Makes the host decoding step read bf16 copies of the matrices (half the bytes; an approximation of the f32
+    /// policy: each weight rounded to bf16, products and sums still f32). Weights changed later are not seen.
+    pub fn enable_bf16_decode(&mut self) -> Result<()> {
+        fn copy(t: &Tensor) -> Result<Vec<half::bf16>> {
+            Ok(t.to_dtype(candle_core::DType::BF16)?
+                .flatten_all()?
+                .to_vec1::<half::bf16>()?)
+        }
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            blocks.push([
+                copy(&b.q_proj.weight)?,
+                copy(&b.k_proj.weight)?,
+                copy(&b.v_proj.weight)?,
+                copy(&b.o_proj.weight)?,
+                copy(&b.gate_proj.weight)?,
+                copy(&b.up_proj.weight)?,
+                copy(&b.down_proj.weight)?,
+            ]);
+        }
+        self.decode_bf16 = Some(std::sync::Arc::new(DecodeBf16 {
+            blocks,
+            lm_head: copy(&self.lm_head)?,
+        }));
+        Ok(())
+    }
+
+    /// The bf16 copy of the output layer, when bf16 decoding is on.
+    pub(crate) fn decode_head_bf16(&self) -> Option<&[half::bf16]> {
+        self.decode_bf16.as_deref().map(|d| d.lm_head.as_slice())
+    }
+}
+
 /// Host-side decoding step (CPU, f32, a few rows): the same computation as [`Llama::hidden_step`] on host
 /// slices, with the weights read in place. A step is bound by reading the weights; composed tensor ops would add
 /// some 40 small allocations and dispatches per layer.
@@ -266,7 +311,8 @@ impl Llama {
         cache: &mut super::kv_cache::KvCache,
     ) -> Result<Option<Tensor>> {
         use super::config::Activation;
-        use super::kv_cache::{matmul_rows, AttnDims, HostF32, STEP_ROWS_MAX};
+        use super::decode_matmul::{matmul_rows_w, WeightRows};
+        use super::kv_cache::{AttnDims, HostF32, STEP_ROWS_MAX};
         let (b, t) = ids.dims2()?;
         let m = b * t;
         let c = &self.cfg;
@@ -372,8 +418,19 @@ impl Llama {
             }
             out
         };
-        let lin = |xs: &[f32], k: usize, l: &(HostF32, Option<HostF32>)| -> Vec<f32> {
-            let mut y = matmul_rows(xs, m, k, l.0.get());
+        let bf16 = self.decode_bf16.as_deref();
+        // Weight `j` (q, k, v, o, gate, up, down) of block `layer`: its bf16 copy when bf16 decoding is on.
+        let lin = |xs: &[f32],
+                   k: usize,
+                   l: &(HostF32, Option<HostF32>),
+                   layer: usize,
+                   j: usize|
+         -> Vec<f32> {
+            let w = match bf16 {
+                Some(d) => WeightRows::Bf16(&d.blocks[layer][j]),
+                None => WeightRows::F32(l.0.get()),
+            };
+            let mut y = matmul_rows_w(xs, m, k, w);
             if let Some(bias) = &l.1 {
                 let bias = bias.get();
                 for row in y.chunks_exact_mut(bias.len()) {
@@ -394,23 +451,23 @@ impl Llama {
         let scale = 1.0 / (hd as f32).sqrt();
         for (layer, blk) in blocks.iter().enumerate() {
             let h1 = rms(&x, blk.ln1.get());
-            let mut q = lin(&h1, hs, &blk.q);
-            let mut k = lin(&h1, hs, &blk.k);
-            let v = lin(&h1, hs, &blk.v);
+            let mut q = lin(&h1, hs, &blk.q, layer, 0);
+            let mut k = lin(&h1, hs, &blk.k, layer, 1);
+            let v = lin(&h1, hs, &blk.v, layer, 2);
             if half > 0 {
                 rope(&mut q, nh);
                 rope(&mut k, nkv);
             }
             let a = cache.attend_rows(layer, &q, &k, &v, dims, scale)?;
-            let o = lin(&a, nh * hd, &blk.o);
+            let o = lin(&a, nh * hd, &blk.o, layer, 3);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let h2 = rms(&x, blk.ln2.get());
-            let mut g = lin(&h2, hs, &blk.gate);
-            let u = lin(&h2, hs, &blk.up);
+            let mut g = lin(&h2, hs, &blk.gate, layer, 4);
+            let u = lin(&h2, hs, &blk.up, layer, 5);
             g.iter_mut()
                 .zip(&u)
                 .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            let d = lin(&g, c.intermediate_size, &blk.down);
+            let d = lin(&g, c.intermediate_size, &blk.down, layer, 6);
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
         let x = rms(&x, norm.get());

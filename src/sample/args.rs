@@ -82,6 +82,10 @@ pub struct SampleConfig {
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: DTypeSpec,
+    /// bf16: decoding steps read bf16 copies of an f32 LLaMA's matrices (CPU; about half the bytes per token; an
+    /// approximation of the f32 policy, never used for training log-probs). Default f32.
+    #[arg(long)]
+    pub decode_dtype: Option<DTypeSpec>,
     /// Input format of --prompts.
     #[arg(long, default_value = "auto")]
     pub format: InputFormat,

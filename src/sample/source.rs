@@ -9,6 +9,7 @@ use crate::client::{
     EndpointConfig,
 };
 use crate::data::FinishReason;
+use crate::device::DTypeSpec;
 use crate::model::{load_model, LoadedModel};
 
 use super::args::{config_err, SampleConfig, SampleError, SampleSummary};
@@ -92,7 +93,7 @@ impl Source {
         match &plan.generator {
             Generator::None => Ok(Source::None),
             Generator::Local { strategy, .. } => {
-                let model = match preloaded {
+                let mut model = match preloaded {
                     // A clone shares the weights' storage.
                     Some(m) => m.clone(),
                     None => {
@@ -101,6 +102,13 @@ impl Source {
                         load_model(path, &device, cfg.dtype.dtype())?
                     }
                 };
+                match cfg.decode_dtype {
+                    None | Some(DTypeSpec::F32) => {}
+                    Some(DTypeSpec::Bf16) => model.model.enable_bf16_decode()?,
+                    Some(DTypeSpec::F16) => {
+                        return Err(config_err("--decode-dtype takes f32 or bf16".to_string()))
+                    }
+                }
                 let mut max_prompt_len = cfg.max_prompt_len;
                 if let Some(positions) = model.model.max_positions() {
                     if cfg.max_new_tokens >= positions {

@@ -623,3 +623,76 @@ fn generation_runs_in_bf16() {
         }
     }
 }
+
+/// `--decode-dtype bf16`: decoding with bf16 copies of the matrices gives exactly what f32 decoding gives on a model
+/// whose matrices were rounded to bf16 (same products, same order), for greedy and beam search; prompts short enough
+/// that prefill takes the host step too.
+#[test]
+fn bf16_decode_equals_f32_decode_of_the_rounded_matrices() {
+    let src = fixtures().join("models/llama");
+    let tmp = crate::common::temp_dir();
+    let dir = tmp.join("rounded");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap().to_owned();
+        if name != "model.safetensors" {
+            std::fs::copy(&f, dir.join(name)).unwrap();
+        }
+    }
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut rounded = 0;
+    for (name, t) in tensors.iter_mut() {
+        // The matrices bf16 decoding reads; the embedding rows and the norms stay f32 there.
+        if name.ends_with("proj.weight") || name == "lm_head.weight" {
+            *t = t
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            rounded += 1;
+        }
+    }
+    assert_eq!(
+        rounded,
+        2 * 7 + 1,
+        "the fixture's 2 blocks × 7 matrices + the untied head"
+    );
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+
+    let mut fast = load("llama", DType::F32).model;
+    fast.enable_bf16_decode().unwrap();
+    let reference = rrhf::model::load_model(&dir, &Device::Cpu, DType::F32)
+        .unwrap()
+        .model;
+    let plain = model("llama");
+    let prompts = test_prompts();
+    let mut differs_from_f32 = false;
+    for strategy in [
+        Strategy::Greedy,
+        Strategy::Beam {
+            num_beams: 3,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::False,
+        },
+    ] {
+        let opts = GenerateOptions {
+            strategy,
+            num_return_sequences: 1,
+            max_new_tokens: 12,
+            ..GenerateOptions::default()
+        };
+        let got = generate(&fast, &prompts, &opts).unwrap();
+        assert_eq!(got, generate(&reference, &prompts, &opts).unwrap());
+        differs_from_f32 |= got != generate(&plain, &prompts, &opts).unwrap();
+    }
+    // The copies are really used: the f32 model's scores differ.
+    assert!(differs_from_f32, "bf16 decoding changed nothing");
+    // Only f32 LLaMA models on the CPU.
+    assert!(model("gpt2").enable_bf16_decode().is_err());
+    assert!(load("llama", DType::BF16)
+        .model
+        .enable_bf16_decode()
+        .is_err());
+}

@@ -541,3 +541,22 @@ fn responses_cut_at_the_token_budget_are_marked_and_train_without_eos() {
         assert_eq!(ends_in_eos, !rec.unfinished(0), "{rec:?}");
     }
 }
+
+#[test]
+fn decode_dtype_bf16_samples_a_llama_and_refuses_other_architectures() {
+    let dir = TempDir::new("decode-bf16");
+    let q = dir.write("q.jsonl", "{\"query\": \"a\"}\n{\"query\": \"b\"}\n");
+    let out = dir.path("s.jsonl");
+    let greedy = "sample --model {model} --prompts {in} --output {out} --strategy greedy --max-new-tokens 6 \
+                  --decode-dtype bf16";
+    ok(&argv(greedy, &[("in", &q), ("out", &out)]));
+    assert_eq!(records(&out).len(), 2);
+    let gpt2 = fixtures().join("models/gpt2");
+    let out2 = dir.path("g.jsonl");
+    let err = fails(&argv(
+        "sample --model {m} --prompts {in} --output {out} --strategy greedy --max-new-tokens 6 --decode-dtype bf16",
+        &[("m", &gpt2), ("in", &q), ("out", &out2)],
+    ));
+    assert!(err.contains("LLaMA-architecture"), "{err}");
+    assert!(!out2.exists());
+}
