@@ -11,6 +11,15 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 use super::error::Result;
 
+/// `dims` with its last dimension replaced by `n` (a linear map's output shape).
+pub(super) fn with_last_dim(dims: &[usize], n: usize) -> Shape {
+    let mut shape = dims.to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    Shape::from(shape)
+}
+
 /// Splits `n_rows` rows of `out` (each `out_row` long) over the available threads and calls `f(row, out_row)`.
 pub(crate) fn par_rows<F>(out: &mut [f32], out_row: usize, f: F)
 where

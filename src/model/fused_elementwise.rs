@@ -220,7 +220,8 @@ impl RopeTables {
     }
 }
 
-fn sigmoid(x: f32) -> f32 {
+/// The logistic function with the fused ops' fast exp.
+pub(super) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp_approx(-x))
 }
 

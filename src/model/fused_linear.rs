@@ -63,11 +63,7 @@ impl CustomOp2 for LinearOp {
                 );
             }
         }
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = n;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        Ok((CpuStorage::F32(out), super::fused::with_last_dim(dims, n)))
     }
 
     fn bwd(

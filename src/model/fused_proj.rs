@@ -13,8 +13,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 
-use super::fused::{contiguous_f32, exp_approx, par_rows};
-use super::fused_elementwise::RopeTables;
+use super::fused::{contiguous_f32, par_rows};
+use super::fused_elementwise::{sigmoid, RopeTables};
 
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, each operand given by its row and column strides, over the
 /// available threads.
@@ -247,10 +247,6 @@ pub fn heads_linear(
     )
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp_approx(-x))
-}
-
 /// `[x @ W_gateᵀ, x @ W_upᵀ]` side by side in the last dim (`[..., 2·I]`).
 struct GateUp;
 
@@ -299,11 +295,10 @@ impl CustomOp3 for GateUp {
                 );
             }
         }
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = 2 * i;
-        }
-        Ok((CpuStorage::F32(gu), Shape::from(shape)))
+        Ok((
+            CpuStorage::F32(gu),
+            super::fused::with_last_dim(dims, 2 * i),
+        ))
     }
 
     fn bwd(
@@ -428,11 +423,7 @@ impl CustomOp2 for SwiGluDown {
                 (1, i),
             )
         };
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = h;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        Ok((CpuStorage::F32(out), super::fused::with_last_dim(dims, h)))
     }
 
     fn bwd(
