@@ -248,6 +248,20 @@ impl Client {
         messages: &[(String, String)],
         p: &CompletionParams,
     ) -> Result<Vec<String>, ClientError> {
+        Ok(texts(self.chat_choices(messages, p)?))
+    }
+
+    /// `n` completions (`choices[i].text`, in `index` order) of a raw prompt.
+    pub fn complete(&self, prompt: &str, p: &CompletionParams) -> Result<Vec<String>, ClientError> {
+        Ok(texts(self.complete_choices(prompt, p)?))
+    }
+
+    /// As [`Client::chat`], with each choice's `finish_reason`.
+    pub fn chat_choices(
+        &self,
+        messages: &[(String, String)],
+        p: &CompletionParams,
+    ) -> Result<Vec<Choice>, ClientError> {
         let msgs: Vec<Value> = messages
             .iter()
             .map(|(role, content)| json!({"role": role, "content": content}))
@@ -257,8 +271,12 @@ impl Client {
         self.request(ApiKind::Chat, &body)
     }
 
-    /// `n` completions (`choices[i].text`, in `index` order) of a raw prompt.
-    pub fn complete(&self, prompt: &str, p: &CompletionParams) -> Result<Vec<String>, ClientError> {
+    /// As [`Client::complete`], with each choice's `finish_reason`.
+    pub fn complete_choices(
+        &self,
+        prompt: &str,
+        p: &CompletionParams,
+    ) -> Result<Vec<Choice>, ClientError> {
         let mut body = self.body(p);
         body["prompt"] = Value::String(prompt.to_string());
         self.request(ApiKind::Completions, &body)
@@ -292,8 +310,8 @@ impl Client {
         body
     }
 
-    /// Posts `body` with retries and extracts the choices' texts.
-    fn request(&self, kind: ApiKind, body: &Value) -> Result<Vec<String>, ClientError> {
+    /// Posts `body` with retries and extracts the choices.
+    fn request(&self, kind: ApiKind, body: &Value) -> Result<Vec<Choice>, ClientError> {
         let url = self.url_of(kind);
         let c = &self.inner.counters;
         let attempts_max = self.inner.cfg.max_retries.saturating_add(1);
@@ -419,8 +437,19 @@ fn transport_failure(url: &str, e: ureq::Error, timeout: Duration, attempts: u32
     }
 }
 
-/// The texts of `choices` (in `index` order) and `usage.completion_tokens` (0 when absent).
-fn parse_choices(url: &str, kind: ApiKind, text: &str) -> Result<(Vec<String>, u64), ClientError> {
+/// One reply of a server: its text and, where the server says, why it ended (`"stop"`, `"length"`, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub text: String,
+    pub finish_reason: Option<String>,
+}
+
+fn texts(choices: Vec<Choice>) -> Vec<String> {
+    choices.into_iter().map(|c| c.text).collect()
+}
+
+/// The `choices` (in `index` order) and `usage.completion_tokens` (0 when absent).
+fn parse_choices(url: &str, kind: ApiKind, text: &str) -> Result<(Vec<Choice>, u64), ClientError> {
     let bad = |field: &str, msg: String| ClientError::Malformed {
         url: url.to_string(),
         field: field.to_string(),
@@ -443,7 +472,7 @@ fn parse_choices(url: &str, kind: ApiKind, text: &str) -> Result<(Vec<String>, u
     if choices.is_empty() {
         return Err(bad("choices", "the list of choices is empty".into()));
     }
-    let mut out: Vec<(u64, String)> = Vec::with_capacity(choices.len());
+    let mut out: Vec<(u64, Choice)> = Vec::with_capacity(choices.len());
     for (i, ch) in choices.iter().enumerate() {
         let (field, got) = match kind {
             ApiKind::Chat => (
@@ -463,7 +492,17 @@ fn parse_choices(url: &str, kind: ApiKind, text: &str) -> Result<(Vec<String>, u
             None => return Err(bad(&field, format!("missing field `{field}`"))),
         };
         let index = ch.get("index").and_then(Value::as_u64).unwrap_or(i as u64);
-        out.push((index, s));
+        let finish_reason = ch
+            .get("finish_reason")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        out.push((
+            index,
+            Choice {
+                text: s,
+                finish_reason,
+            },
+        ));
     }
     out.sort_by_key(|(i, _)| *i);
     let tokens = v
@@ -471,7 +510,7 @@ fn parse_choices(url: &str, kind: ApiKind, text: &str) -> Result<(Vec<String>, u
         .and_then(|u| u.get("completion_tokens"))
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    Ok((out.into_iter().map(|(_, s)| s).collect(), tokens))
+    Ok((out.into_iter().map(|(_, c)| c).collect(), tokens))
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -495,10 +534,27 @@ mod tests {
                        {"index":0,"message":{"role":"assistant","content":"a"}}],
                        "usage":{"completion_tokens":7}}"#;
         let (t, n) = parse_choices("u", ApiKind::Chat, body).unwrap();
-        assert_eq!((t, n), (vec!["a".to_string(), "b".to_string()], 7));
+        assert_eq!((texts(t), n), (vec!["a".to_string(), "b".to_string()], 7));
         let (t, n) =
             parse_choices("u", ApiKind::Completions, r#"{"choices":[{"text":"x"}]}"#).unwrap();
-        assert_eq!((t, n), (vec!["x".to_string()], 0));
+        assert_eq!(
+            (t.clone(), n),
+            (
+                vec![Choice {
+                    text: "x".into(),
+                    finish_reason: None
+                }],
+                0
+            )
+        );
+        let (t, _) = parse_choices(
+            "u",
+            ApiKind::Completions,
+            r#"{"choices":[{"text":"x","finish_reason":"length"},{"text":"y","index":1,"finish_reason":"stop"}]}"#,
+        )
+        .unwrap();
+        let reasons: Vec<Option<&str>> = t.iter().map(|c| c.finish_reason.as_deref()).collect();
+        assert_eq!(reasons, [Some("length"), Some("stop")]);
     }
 
     #[test]

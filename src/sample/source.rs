@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::{
-    map_concurrent, messages_from_prompt, ApiKind, Client, ClientError, CompletionParams,
+    map_concurrent, messages_from_prompt, ApiKind, Choice, Client, ClientError, CompletionParams,
     EndpointConfig,
 };
 use crate::data::FinishReason;
@@ -200,10 +200,15 @@ impl Source {
                 let mut texts = Vec::with_capacity(batch.len());
                 for (job, r) in batch.iter().zip(results) {
                     match r {
-                        // The client does not return `finish_reason`: endpoint responses count as complete.
-                        Ok(v) => {
-                            texts.push(v.iter().map(|t| Generated::new(t, stops, false)).collect())
-                        }
+                        // The server's `finish_reason` "length": cut at `max_tokens`.
+                        Ok(v) => texts.push(
+                            v.iter()
+                                .map(|c| {
+                                    let at_budget = c.finish_reason.as_deref() == Some("length");
+                                    Generated::new(&c.text, stops, at_budget)
+                                })
+                                .collect(),
+                        ),
                         Err(e) => {
                             let e = SampleError::Endpoint {
                                 prompts: cfg.prompts.clone(),
@@ -227,8 +232,8 @@ pub(super) fn fetch(
     api: ApiKind,
     query: &str,
     p: &CompletionParams,
-) -> Result<Vec<String>, ClientError> {
-    let mut out: Vec<String> = Vec::with_capacity(p.n);
+) -> Result<Vec<Choice>, ClientError> {
+    let mut out: Vec<Choice> = Vec::with_capacity(p.n);
     for _ in 0..p.n.max(1) {
         let want = p.n - out.len();
         let params = CompletionParams {
@@ -236,8 +241,8 @@ pub(super) fn fetch(
             ..p.clone()
         };
         let got = match api {
-            ApiKind::Chat => client.chat(&messages_from_prompt(query), &params)?,
-            ApiKind::Completions => client.complete(query, &params)?,
+            ApiKind::Chat => client.chat_choices(&messages_from_prompt(query), &params)?,
+            ApiKind::Completions => client.complete_choices(query, &params)?,
         };
         out.extend(got.into_iter().take(want));
         if out.len() >= p.n {

@@ -560,3 +560,27 @@ fn decode_dtype_bf16_samples_a_llama_and_refuses_other_architectures() {
     assert!(err.contains("LLaMA-architecture"), "{err}");
     assert!(!out2.exists());
 }
+
+#[test]
+fn endpoint_choices_cut_at_max_tokens_are_marked_length() {
+    let dir = TempDir::new("endpoint-finish");
+    let out = dir.path("ep.jsonl");
+    let q = dir.write("q.jsonl", "{\"query\": \"a\"}\n");
+    let server = TestServer::start(|_, _| {
+        Reply::json(json!({
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "cut"}, "finish_reason": "length"},
+                {"index": 1, "message": {"role": "assistant", "content": "done"}, "finish_reason": "stop"},
+            ]
+        }))
+    });
+    let url = PathBuf::from(&server.url);
+    let log = ok(&argv(
+        "sample --endpoint {url} --endpoint-model m --prompts {in} --output {out} --num-responses 2",
+        &[("url", &url), ("in", &q), ("out", &out)],
+    ));
+    assert!(log.contains("1 at the token budget"), "{log}");
+    let r = &records(&out)[0];
+    assert_eq!(strs(&r["responses"]), ["cut", "done"]);
+    assert_eq!(strs(&r["finish_reasons"]), ["length", "stop"]);
+}
