@@ -70,6 +70,10 @@ pub struct SamplingArgs {
     /// Prompts per generation batch.
     #[arg(long, default_value_t = 8)]
     pub batch_prompts: usize,
+    /// bf16: sampling and the evaluation's greedy generations read bf16 copies of an f32 LLaMA's matrices (as
+    /// `rrhf sample --decode-dtype bf16`; training and log-probs stay f32). Default f32.
+    #[arg(long)]
+    pub decode_dtype: Option<crate::device::DTypeSpec>,
 }
 
 /// How the policy is trained (the flags of `rrhf train` other than its files; defaults as there).
@@ -203,7 +207,7 @@ impl IterateConfig {
             batch_prompts: s.batch_prompts,
             device: self.model.device,
             dtype: self.model.dtype,
-            decode_dtype: None,
+            decode_dtype: self.sampling.decode_dtype,
             format: self.records.format,
             prompt_template: self.records.prompt_template,
             skip_invalid: self.records.skip_invalid,
@@ -326,7 +330,44 @@ impl IterateConfig {
             length_penalty: self.train.length_penalty,
             device: self.model.device,
             dtype: self.model.dtype,
-            decode_dtype: None,
+            decode_dtype: self.sampling.decode_dtype,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::DTypeSpec;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: super::super::IterateConfig,
+    }
+
+    #[test]
+    fn decode_dtype_reaches_the_sample_and_eval_stages() {
+        let argv = "iterate --setting IP --model m --prompts p.jsonl --output o --reward vader --decode-dtype bf16";
+        let cfg = Cli::try_parse_from(argv.split_whitespace()).unwrap().cfg;
+        let s = cfg.sample_config(Path::new("m"), "p".into(), "o".into(), 1, false);
+        assert_eq!(s.decode_dtype, Some(DTypeSpec::Bf16));
+        assert_eq!(
+            cfg.eval_config(Path::new("m"), "e".into()).decode_dtype,
+            Some(DTypeSpec::Bf16)
+        );
+        let plain = Cli::try_parse_from(
+            "iterate --setting IP --model m --prompts p.jsonl --output o --reward vader"
+                .split_whitespace(),
+        )
+        .unwrap()
+        .cfg;
+        assert_eq!(
+            plain
+                .sample_config(Path::new("m"), "p".into(), "o".into(), 1, false)
+                .decode_dtype,
+            None
+        );
     }
 }
