@@ -11,6 +11,12 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 use super::error::Result;
 
+/// `(rows, last)`: the last dimension of `l`'s shape and how many rows of it the tensor holds (0 rows when empty).
+pub(super) fn rows_by_last(l: &Layout) -> (usize, usize) {
+    let last = l.shape().dims().last().copied().unwrap_or(0);
+    (l.shape().elem_count().checked_div(last).unwrap_or(0), last)
+}
+
 /// `dims` with its last dimension replaced by `n` (a linear map's output shape).
 pub(super) fn with_last_dim(dims: &[usize], n: usize) -> Shape {
     let mut shape = dims.to_vec();

@@ -23,8 +23,7 @@ impl CustomOp2 for LinearOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims();
-        let k = dims.last().copied().unwrap_or(0);
-        let m = l1.shape().elem_count().checked_div(k).unwrap_or(0);
+        let (m, k) = super::fused::rows_by_last(l1);
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 {
             candle_core::bail!(

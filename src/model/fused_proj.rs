@@ -265,8 +265,7 @@ impl CustomOp3 for GateUp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims();
-        let k = dims.last().copied().unwrap_or(0);
-        let n = l1.shape().elem_count().checked_div(k).unwrap_or(0);
+        let (n, k) = super::fused::rows_by_last(l1);
         let (i, k2) = l2.shape().dims2()?;
         if k != k2 || l3.shape().dims2()? != (i, k) {
             candle_core::bail!(
@@ -393,8 +392,7 @@ impl CustomOp2 for SwiGluDown {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims();
-        let two_i = dims.last().copied().unwrap_or(0);
-        let n = l1.shape().elem_count().checked_div(two_i).unwrap_or(0);
+        let (n, two_i) = super::fused::rows_by_last(l1);
         let (h, i) = l2.shape().dims2()?;
         if two_i != 2 * i {
             candle_core::bail!(
