@@ -10,7 +10,9 @@ use candle_core::{DType, Device};
 pub enum DeviceSpec {
     #[default]
     Cpu,
-    Cuda(usize),
+    /// `cuda:N`, or plain `cuda` (None): GPU 0, or under mpirun/srun the rank's local rank, so that the usual
+    /// one-process-per-GPU launch needs no per-rank flags.
+    Cuda(Option<usize>),
 }
 
 impl FromStr for DeviceSpec {
@@ -18,9 +20,9 @@ impl FromStr for DeviceSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
+            "cuda" => Ok(Self::Cuda(None)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                Some(Ok(n)) => Ok(Self::Cuda(Some(n))),
                 _ => Err(format!("unknown device {s:?}: use cpu, cuda or cuda:N")),
             },
         }
@@ -31,7 +33,8 @@ impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Cpu => write!(f, "cpu"),
-            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Cuda(None) => write!(f, "cuda"),
+            Self::Cuda(Some(n)) => write!(f, "cuda:{n}"),
         }
     }
 }
@@ -41,9 +44,23 @@ impl DeviceSpec {
     pub fn open(self) -> candle_core::Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(n) => open_cuda(n),
+            Self::Cuda(n) => open_cuda(n.unwrap_or_else(|| local_rank(&|v| std::env::var(v).ok()))),
         }
     }
+}
+
+/// This process's rank among the ranks on its machine, from the launcher's environment (Open MPI, MPICH/Hydra,
+/// Slurm, PMIx); 0 when no launcher started it. `var` reads one environment variable.
+pub fn local_rank(var: &dyn Fn(&str) -> Option<String>) -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+        "PMIX_LOCAL_RANK",
+    ]
+    .into_iter()
+    .find_map(|v| var(v)?.trim().parse().ok())
+    .unwrap_or(0)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -132,9 +149,39 @@ mod tests {
     #[test]
     fn device_and_dtype_flags_parse() {
         assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
-        assert_eq!("cuda:1".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(1)));
+        assert_eq!(
+            "cuda:1".parse::<DeviceSpec>(),
+            Ok(DeviceSpec::Cuda(Some(1)))
+        );
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(None)));
+        assert_eq!(DeviceSpec::Cuda(None).to_string(), "cuda");
+        assert_eq!(DeviceSpec::Cuda(Some(0)).to_string(), "cuda:0");
         assert!("tpu".parse::<DeviceSpec>().unwrap_err().contains("tpu"));
         assert_eq!("bf16".parse::<DTypeSpec>(), Ok(DTypeSpec::Bf16));
         assert!("f8".parse::<DTypeSpec>().is_err());
+    }
+
+    #[test]
+    fn plain_cuda_follows_the_launchers_local_rank() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |v: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == v)
+                    .map(|(_, x)| x.to_string())
+            }
+        };
+        assert_eq!(local_rank(&env(&[])), 0);
+        assert_eq!(local_rank(&env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])), 3);
+        assert_eq!(local_rank(&env(&[("SLURM_LOCALID", "1")])), 1);
+        // Open MPI's own variable wins over Slurm's when mpirun runs inside an allocation.
+        assert_eq!(
+            local_rank(&env(&[
+                ("SLURM_LOCALID", "1"),
+                ("OMPI_COMM_WORLD_LOCAL_RANK", "2")
+            ])),
+            2
+        );
+        assert_eq!(local_rank(&env(&[("MPI_LOCALRANKID", "x")])), 0);
     }
 }

@@ -47,6 +47,20 @@ macro_rules! serialize_as_display {
     };
 }
 
+/// `rrhf --version`'s long form: the version and the optional features this binary was built with (`nccl` implies
+/// `cuda` and `mpi`).
+pub const LONG_VERSION: &str = match (
+    cfg!(feature = "cuda"),
+    cfg!(feature = "mpi"),
+    cfg!(feature = "nccl"),
+) {
+    (_, _, true) => concat!(env!("CARGO_PKG_VERSION"), " (features: cuda, mpi, nccl)"),
+    (true, true, false) => concat!(env!("CARGO_PKG_VERSION"), " (features: cuda, mpi)"),
+    (true, false, false) => concat!(env!("CARGO_PKG_VERSION"), " (features: cuda)"),
+    (false, true, false) => concat!(env!("CARGO_PKG_VERSION"), " (features: mpi)"),
+    (false, false, false) => concat!(env!("CARGO_PKG_VERSION"), " (CPU only)"),
+};
+
 pub mod alloc;
 pub mod bench;
 pub mod client;

@@ -20,6 +20,7 @@ use rrhf::train::trainer::{train, TrainConfig};
 #[command(
     name = "rrhf",
     version,
+    long_version = rrhf::LONG_VERSION,
     about = "Rank responses to align language models with human feedback (RRHF)",
     args_override_self = true
 )]

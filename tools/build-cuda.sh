@@ -24,6 +24,8 @@
 #                     the driver on every later GPU — A100, H100, H200; set 90 to compile natively for Hopper)
 #   RRHF_CUDA_VENV    where the wheels go (default tools/.cuda-venv)
 #   RRHF_CUDA_BUILD   build folder (default tools/.cuda-build; the target dir is inside it)
+#   RRHF_CUDA_FEATURES  cargo features (default cuda; `cuda,nccl` for multi-GPU training, which also needs MPI:
+#                     libopenmpi-dev, libclang-dev and clang)
 #   CARGO_BUILD_JOBS  as usual
 #
 # At run time `--device cuda` needs the NVIDIA driver (libcuda.so.1) and CUDA 13 (or 12) libcublas, libcublasLt,
@@ -36,6 +38,7 @@ SERIES=${CUDA_SERIES:-13.0}
 VENV=${RRHF_CUDA_VENV:-$ROOT/tools/.cuda-venv}
 BUILD=${RRHF_CUDA_BUILD:-$ROOT/tools/.cuda-build}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}
+FEATURES=${RRHF_CUDA_FEATURES:-cuda}
 
 die() { echo "build-cuda.sh: $*" >&2; exit 1; }
 step() { echo "build-cuda.sh: $*" >&2; }
@@ -110,15 +113,15 @@ export PATH="$CUDA_ROOT_DIR/bin:$PATH"
 export CARGO_TARGET_DIR="$BUILD/target"
 # rustc-link-search for the static cudart; -lrt/-ldl/-lpthread are what libcudart_static.a needs.
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$BUILD/link -C link-arg=-lrt -C link-arg=-ldl -C link-arg=-lpthread"
-step "cargo build --release --features cuda (target $CARGO_TARGET_DIR; this takes a while)"
+step "cargo build --release --features $FEATURES (target $CARGO_TARGET_DIR; this takes a while)"
 start=$(date +%s)
-(cd "$BUILD/crate" && cargo build --release --features cuda --bin rrhf) || die "cargo build --features cuda failed (see above)"
+(cd "$BUILD/crate" && cargo build --release --features "$FEATURES" --bin rrhf) || die "cargo build --features $FEATURES failed (see above)"
 BIN="$CARGO_TARGET_DIR/release/rrhf"
 [[ -x "$BIN" ]] || die "no binary at $BIN"
 
 # The point of steps 2 and 3: no CUDA library among the binary's dynamic dependencies.
 if command -v readelf >/dev/null; then
-  if readelf -d "$BIN" | grep -E 'NEEDED.*(libcuda|libcublas|libcurand|libnvrtc|libcudart)' >&2; then
+  if readelf -d "$BIN" | grep -E 'NEEDED.*(libcuda|libcublas|libcurand|libnvrtc|libcudart|libnccl)' >&2; then
     die "$BIN still links a CUDA library dynamically (above): it would not start without the driver"
   fi
 fi

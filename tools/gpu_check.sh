@@ -14,6 +14,11 @@
 #    (6·N·tokens + 12·layers·hidden·visible attention pairs per step, over the measured step time, against the GPU's
 #    dense bf16 peak from the table below; GPU_PEAK_TFLOPS overrides it).
 # 3. `rrhf bench generate` in bf16: generated tokens/s.
+# 4. A `cuda,nccl` build (tools/build-cuda.sh with RRHF_CUDA_FEATURES=cuda,nccl): the f32 step of stage 1 with its
+#    gradients all-reduced through a one-rank NCCL communicator (RRHF_NCCL_WORLD_OF_ONE=1) must equal the plain step
+#    (relative 1e-6; the sum over one rank is a copy); where the machine has two GPUs and mpirun, `mpirun -np 2` (one rank per GPU, --grad-accum 1) must
+#    match one process with --grad-accum 2 (loss and grad norm within 1e-5). Skipped for other builds.
+# A `cuda,nccl` binary links Open MPI's libmpi.so.40: the machine needs Open MPI's libraries (libopenmpi3) to start it.
 # Under 8 minutes in all: every stage runs under `timeout`. Any failure stops the script with a message naming the
 # stage; the last line is "gpu_check: PASSED" only when every check passed.
 set -euo pipefail
@@ -66,13 +71,14 @@ timeout 60 "$BIN" logprobs --device "cuda:$GPU" --model "$MODEL" --text "Hello w
 say "stage 0: cuda:$GPU opens; logprobs ran"
 
 # --- 1. one training step, GPU against CPU f32 -----------------------------------------------------------------------
-one_step() { # device dtype → prints "loss grad_norm"
-  local out="$WORK/step-$1-$2"
-  timeout 120 "$BIN" train --model "$MODEL" --data "$DATA" --output "$out" --lr 2e-5 --batch-queries 4 \
-    --grad-accum 2 --max-len 64 --seed 3 --max-steps 1 --device "$1" --dtype "$2" >"$out.log" 2>&1 \
-    || { cat "$out.log" >&2; die "stage 1: rrhf train --max-steps 1 --device $1 --dtype $2 failed (output above)"; }
+one_step() { # device dtype [name [grad-accum [launcher...]]] → prints "loss grad_norm"
+  local dev=$1 dt=$2 out="$WORK/step-${3:-$1-$2}" accum=${4:-2}
+  shift $(( $# < 4 ? $# : 4 ))
+  timeout 120 "$@" "$BIN" train --model "$MODEL" --data "$DATA" --output "$out" --lr 2e-5 --batch-queries 4 \
+    --grad-accum "$accum" --max-len 64 --seed 3 --max-steps 1 --device "$dev" --dtype "$dt" >"$out.log" 2>&1 \
+    || { cat "$out.log" >&2; die "rrhf train --max-steps 1 --device $dev --dtype $dt ${*:+under $*} failed (output above)"; }
   python3 -c 'import json,sys; d=json.loads(open(sys.argv[1]).readline()); print(d["loss"], d["grad_norm"])' \
-    "$out/metrics.jsonl" || die "stage 1: no loss/grad_norm in $out/metrics.jsonl"
+    "$out/metrics.jsonl" || die "no loss/grad_norm in $out/metrics.jsonl"
 }
 # (Each result is captured before `read`: a failure inside $(...) must stop the script, not feed `read` nothing.)
 R=$(one_step cpu f32) || exit 1
@@ -82,6 +88,7 @@ for spec in "f32 1e-4" "bf16 1e-2"; do
   read -r DT TOL <<<"$spec"
   R=$(one_step "cuda:$GPU" "$DT") || exit 1
   read -r LOSS NORM <<<"$R"
+  [[ $DT == f32 ]] && GPU_F32="$LOSS $NORM"
   python3 - "$DT" "$TOL" "$CPU_LOSS" "$LOSS" "$CPU_NORM" "$NORM" <<'EOF' || die "stage 1: GPU $DT step differs from the CPU f32 step (above)"
 import sys
 dt, tol = sys.argv[1], float(sys.argv[2])
@@ -151,6 +158,36 @@ EOF
 timeout 120 "$BIN" bench generate --device "cuda:$GPU" --dtype bf16 >"$WORK/bench_generate.txt" 2>&1 \
   || { cat "$WORK/bench_generate.txt" >&2; die "stage 3: rrhf bench generate --device cuda:$GPU failed (output above)"; }
 sed 's/^/gpu_check: stage 3: /' "$WORK/bench_generate.txt"
+
+# --- 4. NCCL ---------------------------------------------------------------------------------------------------------
+same_step() { # label tolerance "loss norm" "loss norm"
+  python3 - "$@" <<'EOF'
+import sys
+label, tol = sys.argv[1], float(sys.argv[2])
+a, b = [list(map(float, x.split())) for x in sys.argv[3:5]]
+err = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+print(f"gpu_check: stage 4: {label}: loss, grad norm {b} vs {a}: rel err {err:.1e} (bound {tol:g})")
+sys.exit(0 if err <= tol else 1)
+EOF
+}
+if "$BIN" --version | grep -q nccl; then
+  # A one-rank sum is a copy: any difference beyond the GPU's own run-to-run noise is a bug in the NCCL path.
+  R=$(RRHF_NCCL_WORLD_OF_ONE=1 one_step "cuda:$GPU" f32 nccl-1) || exit 1
+  same_step "one-rank NCCL all-reduce vs the plain GPU f32 step" 1e-6 "$GPU_F32" "$R" \
+    || die "stage 4: the step through a one-rank NCCL all-reduce differs from the plain GPU step"
+  NGPU=$(nvidia-smi --list-gpus | wc -l)
+  if [[ $NGPU -ge 2 ]] && command -v mpirun >/dev/null; then
+    ROOT_FLAG=(); [[ $(id -u) -eq 0 ]] && ROOT_FLAG=(--allow-run-as-root)
+    R1=$(one_step cuda f32 nccl-one-accum2 2) || exit 1
+    R2=$(one_step cuda f32 nccl-two-ranks 1 mpirun -np 2 "${ROOT_FLAG[@]}" -x LD_LIBRARY_PATH) || exit 1
+    same_step "2 ranks x grad-accum 1 (NCCL) vs 1 process x grad-accum 2" 1e-5 "$R1" "$R2" \
+      || die "stage 4: two NCCL ranks differ from one process with twice the accumulation"
+  else
+    say "stage 4: two-rank NCCL step skipped: $NGPU GPU(s)$(command -v mpirun >/dev/null || echo ', no mpirun')"
+  fi
+else
+  say "stage 4: skipped: $BIN is not a cuda,nccl build ($("$BIN" --version))"
+fi
 
 say "done in $((SECONDS - START)) s"
 say "PASSED"

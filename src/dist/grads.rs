@@ -1,5 +1,7 @@
 //! Gradient all-reduce over tensors, in buckets, and a digest that shows every rank holds the same gradients.
 
+use std::ops::Range;
+
 use candle_core::{DType, Result, Tensor};
 
 use super::Comm;
@@ -7,14 +9,9 @@ use super::Comm;
 /// Elements per all-reduce call (64 MiB of f32): few calls for small models, a bounded host copy for large ones.
 const BUCKET: usize = 16 << 20;
 
-/// Replaces every gradient by its sum over all ranks, packing consecutive tensors into buckets of about
-/// [`BUCKET`] elements (one collective each); a tensor larger than a bucket goes alone. Gradients are summed, not
-/// averaged: each rank's gradients are already weighted by its micro-batches' share of the whole step's queries.
-/// Non-f32 gradients are reduced in f32 and cast back.
-pub fn all_reduce_sum_tensors(comm: &Comm, grads: &mut [Tensor]) -> Result<()> {
-    if !comm.is_parallel() || grads.is_empty() {
-        return Ok(());
-    }
+/// Consecutive index ranges of `grads` of about [`BUCKET`] elements each; a tensor larger than a bucket goes alone.
+fn buckets(grads: &[Tensor]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
     let mut start = 0;
     while start < grads.len() {
         let mut end = start;
@@ -23,19 +20,48 @@ pub fn all_reduce_sum_tensors(comm: &Comm, grads: &mut [Tensor]) -> Result<()> {
             n += grads[end].elem_count();
             end += 1;
         }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+/// Test hook for a one-GPU machine: with this variable set to 1, a world of one still all-reduces CUDA gradients
+/// through a one-rank NCCL communicator (the sum is the identity, so the step must equal the plain one).
+pub const NCCL_WORLD_OF_ONE: &str = "RRHF_NCCL_WORLD_OF_ONE";
+
+/// Replaces every gradient by its sum over all ranks, packing consecutive tensors into buckets of about
+/// [`BUCKET`] elements (one collective each). Gradients are summed, not averaged: each rank's gradients are
+/// already weighted by its micro-batches' share of the whole step's queries. Sums are taken in f32 (non-f32
+/// gradients are cast back). CUDA gradients go through NCCL on the GPU in a `nccl` build, else through host
+/// memory over MPI.
+pub fn all_reduce_sum_tensors(comm: &Comm, grads: &mut [Tensor]) -> Result<()> {
+    if grads.is_empty() {
+        return Ok(());
+    }
+    #[cfg(feature = "nccl")]
+    if grads[0].device().is_cuda()
+        && (comm.is_parallel() || std::env::var(NCCL_WORLD_OF_ONE).is_ok_and(|v| v == "1"))
+    {
+        return super::nccl::all_reduce_sum(comm, grads, &buckets(grads));
+    }
+    if !comm.is_parallel() {
+        return Ok(());
+    }
+    for range in buckets(grads) {
+        let n: usize = grads[range.clone()].iter().map(Tensor::elem_count).sum();
         let mut flat = Vec::with_capacity(n);
-        for g in &grads[start..end] {
+        for g in &grads[range.clone()] {
             flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
         comm.all_reduce_sum_f32("the gradient all-reduce", &mut flat);
         let mut at = 0;
-        for g in &mut grads[start..end] {
+        for g in &mut grads[range] {
             let k = g.elem_count();
             let t = Tensor::from_slice(&flat[at..at + k], g.shape(), g.device())?;
             *g = t.to_dtype(g.dtype())?;
             at += k;
         }
-        start = end;
     }
     Ok(())
 }
@@ -74,5 +100,14 @@ mod tests {
         let (_, hb) = grad_digest(&[b]).unwrap();
         assert!((na - 14f64.sqrt()).abs() < 1e-12);
         assert_ne!(ha, hb);
+    }
+
+    #[test]
+    fn buckets_cover_every_tensor_once_in_order() {
+        let t = |n: usize| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
+        let grads = [t(3), t(BUCKET - 3), t(1), t(BUCKET + 5), t(2)];
+        // A full bucket, then one that closes when the next tensor would overflow it, the oversized one alone.
+        assert_eq!(buckets(&grads), vec![0..2, 2..3, 3..4, 4..5]);
+        assert!(buckets(&[]).is_empty());
     }
 }

@@ -12,20 +12,23 @@
 //! hanging it forever.
 //!
 //! Files: mod.rs (Comm, init), backend.rs (the MPI calls, feature `mpi`), grads.rs (gradient all-reduce and
-//! digest), shard.rs (sharded sample/score parts and their merge).
+//! digest), nccl.rs (the all-reduce of CUDA gradients on the GPUs, feature `nccl`), shard.rs (sharded
+//! sample/score parts and their merge).
 //!
 //! May import: `data` (the records of sharded parts) and the base modules; never a stage.
 
 #[cfg(feature = "mpi")]
 mod backend;
 mod grads;
+#[cfg(feature = "nccl")]
+mod nccl;
 pub mod shard;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-pub use grads::{all_reduce_sum_tensors, grad_digest};
+pub use grads::{all_reduce_sum_tensors, grad_digest, NCCL_WORLD_OF_ONE};
 
 /// Why the world could not be joined.
 #[derive(Debug, thiserror::Error)]

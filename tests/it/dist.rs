@@ -488,3 +488,15 @@ fn sharded_scoring_equals_one_process_byte_for_byte() {
     assert!(!text.contains("\"scores\":null"), "every record is scored");
     assert!(a == b, "the merged output differs from one process's");
 }
+
+/// `rrhf --version` names the features a cluster job depends on, so a launch script can check its binary.
+#[test]
+fn version_names_the_build_features() {
+    let out = bin().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("rrhf "), "{text}");
+    assert_eq!(text.contains("mpi"), cfg!(feature = "mpi"), "{text}");
+    assert_eq!(text.contains("cuda"), cfg!(feature = "cuda"), "{text}");
+    assert_eq!(text.contains("nccl"), cfg!(feature = "nccl"), "{text}");
+}
