@@ -269,7 +269,14 @@ impl Llama {
 impl Llama {
     /// Makes the host decoding step read bf16 copies of the matrices (half the bytes; an approximation of the f32
     /// policy: each weight rounded to bf16, products and sums still f32). Weights changed later are not seen.
+    /// Refused for activations the host step does not cover (the flag would silently change nothing).
     pub fn enable_bf16_decode(&mut self) -> Result<()> {
+        if self.cfg.hidden_act != Activation::Silu {
+            return Err(super::error::ModelError::Input(format!(
+                "--decode-dtype bf16 covers LLaMA blocks with the SiLU activation; this model's is {:?}: drop the flag",
+                self.cfg.hidden_act
+            )));
+        }
         fn copy(t: &Tensor) -> Result<Vec<half::bf16>> {
             Ok(t.to_dtype(candle_core::DType::BF16)?
                 .flatten_all()?
@@ -317,6 +324,15 @@ impl Llama {
         let m = b * t;
         let c = &self.cfg;
         if !cache.is_host() || m > STEP_ROWS_MAX || c.hidden_act != Activation::Silu {
+            if self.decode_bf16.is_some() && t == 1 && m > STEP_ROWS_MAX {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    eprintln!(
+                        "rrhf: note: --decode-dtype bf16 applies to decoding steps of at most {STEP_ROWS_MAX} rows; \
+                         steps of {m} rows (prompts × beams) decode with the f32 weights"
+                    )
+                });
+            }
             return Ok(None);
         }
         let host = HostF32::new;
