@@ -211,7 +211,7 @@ stage "score: VADER on each continuation (rrhf score)"
 stage "train: RRHF (rrhf train)"
 STEPS=$(( STEPS_PER_EPOCH * EPOCHS ))
 "$RRHF" train --model "$BASE" --data "$DATA/scored.jsonl" --output "$OUT/policy" \
-  --epochs "$EPOCHS" --lr "$LR" --batch-queries "$BQ" --grad-accum 1 --warmup-ratio 0 --max-len "$MAX_LEN" --no-response-eos \
+  --epochs "$EPOCHS" --lr "$LR" --batch-queries "$BQ" --grad-accum 1 --warmup-ratio 0 --max-len "$MAX_LEN" \
   --log-every $(( STEPS / 8 > 0 ? STEPS / 8 : 1 )) --device "$DEVICE"
 
 # --- 6. eval ------------------------------------------------------------------------------------------------------

@@ -73,14 +73,18 @@ def main():
     losses = sum(d < 0 for d in diffs)
     best = init.get("best_of_n")
 
+    scored = os.path.join(out, "data", "scored.jsonl")
+    reasons = [f for r in read_jsonl(scored) for f in r.get("finish_reasons", [])] if os.path.exists(scored) else []
+    ended = sum(f == "stop" for f in reasons)
     L = []
     L.append("# rrhf demo: RRHF on held-out movie-review prompts\n")
     L.append(f"- model: {cfg['model']}; reward: VADER compound score of the continuation, in [−1, 1]")
     L.append(f"- prompts: {cfg['prompts']}")
     L.append(f"- training data: {k} top-k (k = 50, temperature 1) samples of at most {cfg['max_new_tokens']} new tokens "
              f"per train prompt from the initial model, scored by VADER; RRHF {cfg['epochs']} epoch(s), "
-             f"{cfg['batch_queries']} prompts per step, lr {cfg['lr']}, no warm-up, no EOS appended to the "
-             f"continuations (most are cut at the token budget: an EOS would teach the model to stop there), "
+             f"{cfg['batch_queries']} prompts per step, lr {cfg['lr']}, no warm-up, EOS appended only to the "
+             f"{ended} of {len(reasons)} continuations that ended on their own (the others were cut at the token "
+             f"budget, `finish_reasons` \"length\": an EOS there would teach the model to stop early), "
              f"device {cfg['device']}")
     L.append(f"- evaluation (`rrhf eval`, [eval/report.md](eval/report.md)): greedy continuation of each held-out "
              f"prompt; perplexity of it under the initial model, given the prompt; best-of-{k} = mean over "

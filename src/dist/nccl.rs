@@ -42,7 +42,7 @@ fn communicator(comm: &Comm, dev: &CudaDevice) -> Result<Rc<NcclComm>> {
              through host memory over MPI"
         ))
     };
-    let mut bytes = if comm.is_root() {
+    let mut bytes: Vec<u8> = if comm.is_root() {
         let id = crate::panic::catch_quietly(Id::new)
             .map_err(missing)?
             .map_err(|e| err("ncclGetUniqueId", e))?;
