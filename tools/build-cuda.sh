@@ -97,9 +97,20 @@ ln -sf "$CUDA_ROOT_DIR/lib/libcudart_static.a" "$BUILD/link/libcudart.a"
 
 # The crate copy the build runs in (the patch rewrites its Cargo.lock, not the repository's).
 mkdir -p "$BUILD/crate"
-# cp -a keeps modification times, so a rerun recompiles only what changed.
-rm -rf "$BUILD/crate/src" "$BUILD/crate/assets"
-cp -a "$ROOT/src" "$BUILD/crate/src"
+# A file whose contents differ from the previous copy gets a fresh modification time (its own may be older than
+# the previous build — edited while that build ran — and cargo would call the build up to date); an unchanged file
+# keeps the previous copy's, so a rerun recompiles only what changed.
+rm -rf "$BUILD/crate/src.new" "$BUILD/crate/assets"
+cp -a "$ROOT/src" "$BUILD/crate/src.new"
+(cd "$BUILD/crate/src.new" && find . -type f) | while read -r f; do
+  if cmp -s "$BUILD/crate/src.new/$f" "$BUILD/crate/src/$f" 2>/dev/null; then
+    touch -r "$BUILD/crate/src/$f" "$BUILD/crate/src.new/$f"
+  else
+    touch "$BUILD/crate/src.new/$f"
+  fi
+done
+rm -rf "$BUILD/crate/src"
+mv "$BUILD/crate/src.new" "$BUILD/crate/src"
 cp -a "$ROOT/Cargo.toml" "$ROOT/Cargo.lock" "$BUILD/crate/"
 if [[ -d "$ROOT/assets" ]]; then cp -a "$ROOT/assets" "$BUILD/crate/assets"; fi
 cat >>"$BUILD/crate/Cargo.toml" <<EOF
