@@ -310,5 +310,9 @@ mod tests {
         let (sample, _) = parse::<SampleConfig>("--prompts p --output o");
         assert_eq!(sample.setting, None);
         assert_eq!(cfg.sampling.sample_setting, Setting::Dp);
+        // The groups' `Default` is clap's, which every stage config built in code starts from.
+        assert_eq!(GenerationArgs::default().max_new_tokens, 128);
+        assert_eq!(crate::score::args::RewardArgs::default().batch_size, 16);
+        assert_eq!(crate::score::args::LogprobArgs::default().batch_queries, 8);
     }
 }

@@ -157,13 +157,7 @@ pub struct GenerationArgs {
 impl Default for GenerationArgs {
     /// The command-line defaults.
     fn default() -> Self {
-        GenerationArgs {
-            max_new_tokens: 128,
-            max_prompt_len: 256,
-            stop: Vec::new(),
-            batch_prompts: 8,
-            decode_dtype: None,
-        }
+        crate::cli_defaults()
     }
 }
 

@@ -48,18 +48,7 @@ pub struct RewardArgs {
 impl Default for RewardArgs {
     /// The command-line defaults.
     fn default() -> Self {
-        RewardArgs {
-            batch_size: 16,
-            score_on: None,
-            label: None,
-            rm_config: None,
-            rm_tokenizer: None,
-            rm_max_len: None,
-            rm_separator: None,
-            rm_append_eos: false,
-            judge_model: None,
-            api_key_env: None,
-        }
+        crate::cli_defaults()
     }
 }
 
@@ -80,10 +69,6 @@ pub struct LogprobArgs {
 impl Default for LogprobArgs {
     /// The command-line defaults.
     fn default() -> Self {
-        LogprobArgs {
-            length_penalty: 1.0,
-            batch_queries: 8,
-            layout: Layout::Packed,
-        }
+        crate::cli_defaults()
     }
 }
