@@ -13,8 +13,8 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::data::args::RecordArgs;
-use crate::data::readers::{read_records, InputFormat, PromptTemplate, ReadOptions};
+use crate::data::args::{ReadArgs, RecordArgs};
+use crate::data::readers::{read_records, InputFormat, ReadOptions};
 use crate::data::{DataError, Record};
 use crate::device::{DTypeSpec, DeviceSpec};
 use crate::model::load::ModelArgs;
@@ -53,15 +53,10 @@ pub struct EvalConfig {
     #[command(flatten)]
     #[serde(flatten)]
     pub gen: GenerationArgs,
-    /// Input format of --prompts (auto, rrhf, pairwise, hh, alpaca).
-    #[arg(long, default_value = "auto")]
-    pub format: InputFormat,
-    /// Template applied to queries (alpaca: the Stanford Alpaca prompt).
-    #[arg(long, default_value = "none")]
-    pub prompt_template: PromptTemplate,
-    /// Skip (and count) malformed prompt records instead of stopping at the first.
-    #[arg(long)]
-    pub skip_invalid: bool,
+    /// `--format`, `--prompt-template`, `--skip-invalid` of --prompts.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub read: ReadArgs,
     /// Evaluator LM of the perplexity (the paper: gpt2-medium); no perplexity without it.
     #[arg(long)]
     pub ppl_model: Option<PathBuf>,
@@ -254,9 +249,7 @@ fn sample_config(
         gen: cfg.gen.clone(),
         device: cfg.device,
         dtype: cfg.dtype,
-        format: cfg.format,
-        prompt_template: cfg.prompt_template,
-        skip_invalid: cfg.skip_invalid,
+        read: cfg.read,
         ..SampleConfig::local(model.to_path_buf(), cfg.prompts.clone(), output)
     }
 }
@@ -326,9 +319,9 @@ pub fn eval(cfg: &EvalConfig) -> Result<EvalSummary, EvalError> {
     // Every input is read and checked before any model is loaded.
     let (prompts, invalid_skipped) = read_prompts(
         &cfg.prompts,
-        cfg.format,
-        cfg.prompt_template,
-        cfg.skip_invalid,
+        cfg.read.format,
+        cfg.read.prompt_template,
+        cfg.read.skip_invalid,
     )?;
     let stops = resolve_stops(&cfg.gen.stop, &prompts);
     let n_pairs = cfg.pairs.as_deref().map(check_pairs).transpose()?;
@@ -574,9 +567,7 @@ fn eval_model(
                 data: pairs.clone(),
                 output: scratch.with_extension("rank.jsonl"),
                 records: RecordArgs {
-                    format: InputFormat::Auto,
-                    prompt_template: PromptTemplate::None,
-                    skip_invalid: false,
+                    read: ReadArgs::default(),
                     // Models with learned positions (GPT-2) cannot embed more than their positions.
                     max_len: m
                         .model

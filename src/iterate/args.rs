@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::data::args::ReadArgs;
 use crate::data::readers::{InputFormat, PromptTemplate};
 use crate::eval::command::EvalConfig;
 use crate::eval::perplexity::PplContext;
@@ -104,9 +105,7 @@ impl IterateConfig {
             gen: s.gen.clone(),
             device: self.model.device,
             dtype: self.model.dtype,
-            format: self.records.format,
-            prompt_template: self.records.prompt_template,
-            skip_invalid: self.records.skip_invalid,
+            read: self.records.read,
             resume,
             ..SampleConfig::local(model.to_path_buf(), prompts, output)
         }
@@ -140,9 +139,11 @@ impl IterateConfig {
             output,
             // The samples are RRHF records whatever --prompts was.
             records: crate::data::args::RecordArgs {
-                format: InputFormat::Rrhf,
-                prompt_template: PromptTemplate::None,
-                skip_invalid: self.records.skip_invalid,
+                read: ReadArgs {
+                    format: InputFormat::Rrhf,
+                    prompt_template: PromptTemplate::None,
+                    skip_invalid: self.records.read.skip_invalid,
+                },
                 max_len: self.records.max_len,
                 max_query_len: self.records.max_query_len,
                 no_response_eos: self.records.no_response_eos,
@@ -178,9 +179,7 @@ impl IterateConfig {
             reward: self.reward.clone(),
             output,
             gen: self.sampling.gen.clone(),
-            format: self.records.format,
-            prompt_template: self.records.prompt_template,
-            skip_invalid: self.records.skip_invalid,
+            read: self.records.read,
             ppl_model: e.ppl_model.clone(),
             ppl_context: e.ppl_context,
             ppl_batch_size: 8,

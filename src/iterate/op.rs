@@ -19,8 +19,9 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::data::args::ReadArgs;
 use crate::data::prepare::check_max_len;
-use crate::data::readers::{read_records, InputFormat, PromptTemplate, ReadOptions};
+use crate::data::readers::{read_records, InputFormat, ReadOptions};
 use crate::data::tokenize::{tokenize_record, TokenizedRecord};
 use crate::data::{DataError, Record};
 use crate::fsutil::{write_atomic, write_atomic_with};
@@ -170,9 +171,9 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
     // Every input is checked, and the reward loaded, before the policy.
     let (prompts, _) = read_prompts(
         &cfg.prompts,
-        cfg.records.format,
-        cfg.records.prompt_template,
-        cfg.records.skip_invalid,
+        cfg.records.read.format,
+        cfg.records.read.prompt_template,
+        cfg.records.read.skip_invalid,
     )?;
     let reward =
         RewardFn::load(&cfg.score_config(cfg.prompts.clone(), cfg.output.join("unused"), false))
@@ -372,9 +373,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
             cfg.seed.wrapping_add(round),
             false,
         );
-        sc.format = InputFormat::Auto;
-        sc.prompt_template = PromptTemplate::None;
-        sc.skip_invalid = false;
+        sc.read = ReadArgs::default();
         sample_with_model(&sc, &sampler).map_err(stage_err(at.clone(), "sample"))?;
         let records = read_records(
             &samples_path,

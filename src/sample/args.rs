@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::client::{ApiKind, ClientError, ClientStats};
-use crate::data::readers::{InputFormat, PromptTemplate};
+use crate::data::args::ReadArgs;
 use crate::data::DataError;
 use crate::device::{DTypeSpec, DeviceSpec};
 use crate::model::ModelError;
@@ -45,15 +45,10 @@ pub struct SampleConfig {
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: DTypeSpec,
-    /// Input format of --prompts.
-    #[arg(long, default_value = "auto")]
-    pub format: InputFormat,
-    /// Template applied to queries (alpaca: the Stanford Alpaca prompt).
-    #[arg(long, default_value = "none")]
-    pub prompt_template: PromptTemplate,
-    /// Skip (and count) malformed prompt records instead of stopping at the first.
-    #[arg(long)]
-    pub skip_invalid: bool,
+    /// `--format`, `--prompt-template`, `--skip-invalid` of --prompts.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub read: ReadArgs,
     /// Continue the output file: prompts already in it are skipped (with --append: those that already have
     /// responses from this run's source).
     #[arg(long)]
@@ -176,9 +171,7 @@ impl SampleConfig {
             gen: GenerationArgs::default(),
             device: DeviceSpec::Cpu,
             dtype: DTypeSpec::F32,
-            format: InputFormat::Auto,
-            prompt_template: PromptTemplate::None,
-            skip_invalid: false,
+            read: ReadArgs::default(),
             resume: false,
             append: false,
             endpoint: None,

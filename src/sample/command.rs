@@ -107,9 +107,9 @@ fn run(cfg: &SampleConfig, preloaded: Option<&LoadedModel>) -> Result<SampleSumm
     }
     let (prompts, invalid_skipped) = read_prompts(
         &cfg.prompts,
-        cfg.format,
-        cfg.prompt_template,
-        cfg.skip_invalid,
+        cfg.read.format,
+        cfg.read.prompt_template,
+        cfg.read.skip_invalid,
     )?;
     if plan.k == 0 {
         if let Some(i) = prompts.iter().position(|p| p.provided.is_empty()) {

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::client::{Client, EndpointConfig};
-use crate::data::readers::{read_records, write_records, InputFormat, PromptTemplate, ReadOptions};
+use crate::data::args::ReadArgs;
+use crate::data::readers::{read_records, write_records, InputFormat, ReadOptions};
 use crate::data::tokenize::TokenizeOptions;
 use crate::data::Record;
 use crate::device::{DTypeSpec, DeviceSpec};
@@ -41,13 +42,10 @@ pub struct ScoreConfig {
     /// model:DIR | judge:URL | vader | policy:DIR | labels.
     #[arg(long)]
     pub reward: RewardSpec,
-    #[arg(long, default_value = "auto")]
-    pub format: InputFormat,
-    #[arg(long, default_value = "none")]
-    pub prompt_template: PromptTemplate,
-    /// Skip (and count) invalid input records instead of failing.
-    #[arg(long)]
-    pub skip_invalid: bool,
+    /// `--format`, `--prompt-template`, `--skip-invalid` of --data.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub read: ReadArgs,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     #[arg(long, default_value = "f32")]
@@ -112,9 +110,7 @@ impl ScoreConfig {
             data,
             output,
             reward,
-            format: InputFormat::Auto,
-            prompt_template: PromptTemplate::None,
-            skip_invalid: false,
+            read: ReadArgs::default(),
             device: DeviceSpec::Cpu,
             dtype: DTypeSpec::F32,
             reward_args: RewardArgs::default(),
@@ -489,15 +485,7 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
         layout: cfg.logprob.layout,
         batch_queries: cfg.logprob.batch_queries,
     };
-    let read = read_records(
-        &cfg.data,
-        &ReadOptions {
-            format: cfg.format,
-            prompt_template: cfg.prompt_template,
-            skip_invalid: cfg.skip_invalid,
-            require_scores: false,
-        },
-    )?;
+    let read = read_records(&cfg.data, &cfg.read.options(false))?;
     let input = read.records;
     let n = input.len();
 

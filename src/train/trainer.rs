@@ -219,10 +219,13 @@ pub(crate) fn run_fingerprint(
         ("--grad-accum".into(), json!(cfg.optim.grad_accum)),
         ("--max-len".into(), json!(cfg.records.max_len)),
         ("--max-query-len".into(), json!(max_query_len)),
-        ("--format".into(), json!(cfg.records.format.to_string())),
+        (
+            "--format".into(),
+            json!(cfg.records.read.format.to_string()),
+        ),
         (
             "--prompt-template".into(),
-            json!(cfg.records.prompt_template.to_string()),
+            json!(cfg.records.read.prompt_template.to_string()),
         ),
         ("--rank-weight".into(), json!(cfg.loss.rank_weight)),
         ("--length-penalty".into(), json!(cfg.loss.length_penalty)),
