@@ -47,6 +47,16 @@ macro_rules! serialize_as_display {
     };
 }
 
+/// The command-line defaults of a flag group whose flags all have one: what clap fills in for an empty command line,
+/// so that a group's `Default` cannot drift from its `#[arg]` attributes.
+pub fn cli_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let matches = T::augment_args(clap::Command::new("defaults"))
+        .try_get_matches_from(["defaults"])
+        .and_then(|m| T::from_arg_matches(&m));
+    // Only a group with a required flag fails here: a bug of the caller, found by its first test.
+    matches.unwrap_or_else(|e| panic!("cli_defaults: the group has a flag without a default: {e}"))
+}
+
 /// `rrhf --version`'s long form: the version and the optional features this binary was built with (`nccl` implies
 /// `cuda` and `mpi`).
 pub const LONG_VERSION: &str = match (

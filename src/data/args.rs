@@ -5,9 +5,9 @@ use serde::Serialize;
 use super::readers::{InputFormat, PromptTemplate, ReadOptions};
 use super::tokenize::TokenizeOptions;
 
-/// Input format, template, error policy and length limits of record files.
-#[derive(Debug, Clone, clap::Args, Serialize)]
-pub struct RecordArgs {
+/// Input format, template and error policy of a record or prompt file (every command that reads one).
+#[derive(Debug, Clone, Copy, clap::Args, Serialize)]
+pub struct ReadArgs {
     /// Input format: auto, rrhf, pairwise, hh or alpaca.
     #[arg(long, default_value = "auto")]
     pub format: InputFormat,
@@ -17,6 +17,34 @@ pub struct RecordArgs {
     /// Skip (and count) malformed records instead of stopping at the first.
     #[arg(long)]
     pub skip_invalid: bool,
+}
+
+impl Default for ReadArgs {
+    /// The command-line defaults.
+    fn default() -> Self {
+        crate::cli_defaults()
+    }
+}
+
+impl ReadArgs {
+    /// Reader options; `require_scores` refuses unscored records.
+    pub fn options(&self, require_scores: bool) -> ReadOptions {
+        ReadOptions {
+            format: self.format,
+            prompt_template: self.prompt_template,
+            skip_invalid: self.skip_invalid,
+            require_scores,
+        }
+    }
+}
+
+/// How record files are read, plus the length limits of their tokenisation.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct RecordArgs {
+    /// `--format`, `--prompt-template`, `--skip-invalid`.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub read: ReadArgs,
     /// Tokens of query + response, at most (the paper: 192 for HH).
     #[arg(long, default_value_t = 192)]
     pub max_len: usize,
@@ -32,12 +60,7 @@ pub struct RecordArgs {
 impl RecordArgs {
     /// Reader options; `require_scores` refuses unscored records.
     pub fn read_options(&self, require_scores: bool) -> ReadOptions {
-        ReadOptions {
-            format: self.format,
-            prompt_template: self.prompt_template,
-            skip_invalid: self.skip_invalid,
-            require_scores,
-        }
+        self.read.options(require_scores)
     }
 
     /// Tokenisation limits (an error message for inconsistent lengths).

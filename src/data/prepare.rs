@@ -52,7 +52,7 @@ pub fn tokenize_all(
     for (r, &line) in read.records.iter().zip(&read.lines) {
         let t = tokenize_record(&m.tokenizer, r, &opts)?;
         if t.query.is_empty() {
-            if args.skip_invalid {
+            if args.read.skip_invalid {
                 skipped += 1;
                 continue;
             }

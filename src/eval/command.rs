@@ -13,18 +13,18 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::data::args::RecordArgs;
-use crate::data::batch::Layout;
-use crate::data::readers::{read_records, InputFormat, PromptTemplate, ReadOptions};
+use crate::data::args::{ReadArgs, RecordArgs};
+use crate::data::readers::{read_records, InputFormat, ReadOptions};
 use crate::data::{DataError, Record};
 use crate::device::{DTypeSpec, DeviceSpec};
 use crate::model::load::ModelArgs;
 use crate::model::{load_model, LoadedModel, ModelError};
 use crate::sample::command::{
-    resolve_stops, sample_with_model, SampleConfig, SampleError, StrategyKind,
+    resolve_stops, sample_with_model, DecodingArgs, GenerationArgs, SampleConfig, SampleError,
+    StrategyKind,
 };
 use crate::sample::prompts::read_prompts;
-use crate::score::args::RewardArgs;
+use crate::score::args::{LogprobArgs, RewardArgs};
 use crate::score::command::RewardFn;
 use crate::score::stats::reward_stats;
 use crate::score::{RewardSpec, ScoreConfig, ScoreError};
@@ -49,28 +49,14 @@ pub struct EvalConfig {
     /// Output directory: report.json, report.md, generations.jsonl, eval.png.
     #[arg(long)]
     pub output: PathBuf,
-    /// New tokens per generation, at most.
-    #[arg(long, default_value_t = 128)]
-    pub max_new_tokens: usize,
-    /// Prompt tokens, at most (longer prompts keep their end and BOS).
-    #[arg(long, default_value_t = 256)]
-    pub max_prompt_len: usize,
-    /// Stop string (repeatable), as `rrhf sample`: default "Human:" and "Assistant:" for HH-style prompts;
-    /// `--stop ""` turns stops off.
-    #[arg(long)]
-    pub stop: Vec<String>,
-    /// Prompts per generation batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch_prompts: usize,
-    /// Input format of --prompts (auto, rrhf, pairwise, hh, alpaca).
-    #[arg(long, default_value = "auto")]
-    pub format: InputFormat,
-    /// Template applied to queries (alpaca: the Stanford Alpaca prompt).
-    #[arg(long, default_value = "none")]
-    pub prompt_template: PromptTemplate,
-    /// Skip (and count) malformed prompt records instead of stopping at the first.
-    #[arg(long)]
-    pub skip_invalid: bool,
+    /// Token limits, stops, batching and the decoding dtype of the generations (as `rrhf sample`).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub gen: GenerationArgs,
+    /// `--format`, `--prompt-template`, `--skip-invalid` of --prompts.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub read: ReadArgs,
     /// Evaluator LM of the perplexity (the paper: gpt2-medium); no perplexity without it.
     #[arg(long)]
     pub ppl_model: Option<PathBuf>,
@@ -123,10 +109,6 @@ pub struct EvalConfig {
     /// f32, bf16 or f16 (every model of the run).
     #[arg(long, default_value = "f32")]
     pub dtype: DTypeSpec,
-    /// bf16: the greedy generations read bf16 copies of an f32 LLaMA's matrices (faster on the CPU; an
-    /// approximation of each model; perplexity and p_i stay f32). Default f32.
-    #[arg(long)]
-    pub decode_dtype: Option<DTypeSpec>,
 }
 
 /// An error of `rrhf eval`.
@@ -177,10 +159,10 @@ fn config_err(msg: impl Into<String>) -> EvalError {
 
 /// Checks the flags that need no file.
 fn check_flags(cfg: &EvalConfig) -> Result<(), EvalError> {
-    if cfg.max_new_tokens == 0 {
+    if cfg.gen.max_new_tokens == 0 {
         return Err(config_err("--max-new-tokens must be at least 1"));
     }
-    if cfg.max_prompt_len == 0 {
+    if cfg.gen.max_prompt_len == 0 {
         return Err(config_err("--max-prompt-len must be at least 1"));
     }
     if matches!(cfg.reward, RewardSpec::Labels) {
@@ -235,9 +217,9 @@ fn score_config(cfg: &EvalConfig) -> ScoreConfig {
     );
     s.device = cfg.device;
     s.dtype = cfg.dtype;
-    cfg.reward_args.apply(&mut s);
+    s.reward_args = cfg.reward_args.clone();
     s.max_len = cfg.max_len;
-    s.length_penalty = cfg.length_penalty;
+    s.logprob.length_penalty = cfg.length_penalty;
     s
 }
 
@@ -249,48 +231,26 @@ fn sample_config(
     best_of: Option<usize>,
 ) -> SampleConfig {
     SampleConfig {
-        model: Some(model.to_path_buf()),
-        prompts: cfg.prompts.clone(),
-        output,
-        setting: None,
-        strategy: Some(if best_of.is_some() {
-            StrategyKind::Sample
-        } else {
-            StrategyKind::Greedy
-        }),
-        num_responses: best_of,
-        num_beams: None,
-        num_beam_groups: None,
-        diversity_penalty: None,
-        beam_length_penalty: None,
-        early_stopping: None,
-        // Sampling parameters only for --best-of (greedy decoding has none).
-        temperature: best_of.map(|_| cfg.temperature),
-        top_k: best_of.map(|_| cfg.top_k),
-        top_p: best_of.map(|_| cfg.top_p),
+        decoding: DecodingArgs {
+            strategy: Some(if best_of.is_some() {
+                StrategyKind::Sample
+            } else {
+                StrategyKind::Greedy
+            }),
+            num_responses: best_of,
+            // Sampling parameters only for --best-of (greedy decoding has none).
+            temperature: best_of.map(|_| cfg.temperature),
+            top_k: best_of.map(|_| cfg.top_k),
+            top_p: best_of.map(|_| cfg.top_p),
+            keep_provided: Some(false),
+            ..DecodingArgs::default()
+        },
         seed: cfg.seed,
-        max_new_tokens: cfg.max_new_tokens,
-        max_prompt_len: cfg.max_prompt_len,
-        stop: cfg.stop.clone(),
-        keep_provided: Some(false),
-        batch_prompts: cfg.batch_prompts,
+        gen: cfg.gen.clone(),
         device: cfg.device,
         dtype: cfg.dtype,
-        decode_dtype: cfg.decode_dtype,
-        format: cfg.format,
-        prompt_template: cfg.prompt_template,
-        skip_invalid: cfg.skip_invalid,
-        resume: false,
-        append: false,
-        endpoint: None,
-        endpoint_model: None,
-        api_key_env: None,
-        endpoint_api: crate::client::ApiKind::Chat,
-        concurrency: 1,
-        timeout_ms: 120_000,
-        retries: 0,
-        backoff_ms: 1000,
-        log_every: 1,
+        read: cfg.read,
+        ..SampleConfig::local(model.to_path_buf(), cfg.prompts.clone(), output)
     }
 }
 
@@ -359,11 +319,11 @@ pub fn eval(cfg: &EvalConfig) -> Result<EvalSummary, EvalError> {
     // Every input is read and checked before any model is loaded.
     let (prompts, invalid_skipped) = read_prompts(
         &cfg.prompts,
-        cfg.format,
-        cfg.prompt_template,
-        cfg.skip_invalid,
+        cfg.read.format,
+        cfg.read.prompt_template,
+        cfg.read.skip_invalid,
     )?;
-    let stops = resolve_stops(&cfg.stop, &prompts);
+    let stops = resolve_stops(&cfg.gen.stop, &prompts);
     let n_pairs = cfg.pairs.as_deref().map(check_pairs).transpose()?;
     let train_data = match &cfg.train_data {
         Some(path) => {
@@ -459,7 +419,7 @@ fn header(
         format!("prompts: `{}` ({n_prompts})", cfg.prompts.display()),
         format!(
             "generation: greedy, at most {} new tokens, prompts cut to {} tokens, {stops}",
-            cfg.max_new_tokens, cfg.max_prompt_len
+            cfg.gen.max_new_tokens, cfg.gen.max_prompt_len
         ),
         format!(
             "reward: `{}` — mean, standard error and population std over the greedy generations",
@@ -607,9 +567,7 @@ fn eval_model(
                 data: pairs.clone(),
                 output: scratch.with_extension("rank.jsonl"),
                 records: RecordArgs {
-                    format: InputFormat::Auto,
-                    prompt_template: PromptTemplate::None,
-                    skip_invalid: false,
+                    read: ReadArgs::default(),
                     // Models with learned positions (GPT-2) cannot embed more than their positions.
                     max_len: m
                         .model
@@ -618,9 +576,10 @@ fn eval_model(
                     max_query_len: None,
                     no_response_eos: false,
                 },
-                length_penalty: cfg.length_penalty,
-                batch_queries: 8,
-                layout: Layout::Packed,
+                logprob: LogprobArgs {
+                    length_penalty: cfg.length_penalty,
+                    ..LogprobArgs::default()
+                },
             };
             Some(
                 rank_with_model(&rc, m, device).map_err(|source| EvalError::Rank {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::data::args::RecordArgs;
-use crate::data::batch::{build_batch, Layout};
+use crate::data::batch::build_batch;
 use crate::data::prepare::prepare;
 use crate::data::tokenize::TokenizedRecord;
 use crate::data::DataError;
@@ -17,6 +17,7 @@ use crate::fsutil::write_atomic;
 use crate::model::load::ModelArgs;
 use crate::model::seq_logprob::seq_logprob_norm;
 use crate::model::{LoadedModel, ModelError};
+use crate::score::args::LogprobArgs;
 
 /// Flags of `rrhf rank`.
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -35,14 +36,10 @@ pub struct RankConfig {
     #[command(flatten)]
     #[serde(flatten)]
     pub records: RecordArgs,
-    /// Exponent of the response length in p_i.
-    #[arg(long, default_value_t = 1.0)]
-    pub length_penalty: f64,
-    /// Queries per forward.
-    #[arg(long, default_value_t = 8)]
-    pub batch_queries: usize,
-    #[arg(long, default_value = "packed")]
-    pub layout: Layout,
+    /// `--length-penalty`, `--batch-queries`, `--layout`: the p_i of `rrhf score`'s policy: reward, so both agree.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub logprob: LogprobArgs,
 }
 
 /// Summary of a ranking run.
@@ -92,15 +89,15 @@ pub fn rank_with_model(
     let data = prepare(&cfg.data, &cfg.records, m)?;
     let mut out = Vec::new();
     let (mut pairs, mut right) = (0usize, 0usize);
-    for chunk in data.records.chunks(cfg.batch_queries.max(1)) {
+    for chunk in data.records.chunks(cfg.logprob.batch_queries.max(1)) {
         let refs: Vec<&TokenizedRecord> = chunk.iter().collect();
-        let batch = build_batch(&refs, cfg.layout, m.tokenizer.pad_id, device)?;
+        let batch = build_batch(&refs, cfg.logprob.layout, m.tokenizer.pad_id, device)?;
         let lp = m.model.label_logprobs(&batch.input, &batch.labels)?;
         let (logp, p) = seq_logprob_norm(
             &lp,
             &batch.response_of_label,
             &batch.n_tokens,
-            cfg.length_penalty,
+            cfg.logprob.length_penalty,
         )?;
         let (logp, p) = (logp.to_vec1::<f32>()?, p.to_vec1::<f32>()?);
         let mut off = 0;

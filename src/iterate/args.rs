@@ -5,15 +5,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::data::batch::Layout;
+use crate::data::args::ReadArgs;
 use crate::data::readers::{InputFormat, PromptTemplate};
 use crate::eval::command::EvalConfig;
 use crate::eval::perplexity::PplContext;
 use crate::model::load::ModelArgs;
-use crate::sample::command::{EarlyStop, SampleConfig, Setting, StrategyKind};
+use crate::sample::args::{DecodingArgs, GenerationArgs};
+use crate::sample::command::{SampleConfig, Setting};
 use crate::score::ScoreConfig;
-use crate::train::loss::SftReduction;
-use crate::train::schedule::ScheduleKind;
+use crate::train::args::{LossArgs, OptimArgs};
 use crate::train::trainer::TrainConfig;
 
 use super::IterateConfig;
@@ -25,102 +25,31 @@ pub struct SamplingArgs {
     /// the dataset's responses). The flags below override it.
     #[arg(long, default_value = "DP")]
     pub sample_setting: Setting,
-    /// greedy, beam, diverse-beam or sample (default: the preset's).
-    #[arg(long)]
-    pub strategy: Option<StrategyKind>,
-    /// Generated responses per prompt.
-    #[arg(long)]
-    pub num_responses: Option<usize>,
-    /// Beams of beam / diverse beam search (default max(4, --num-responses)).
-    #[arg(long)]
-    pub num_beams: Option<usize>,
-    /// Groups of diverse beam search (default: one beam per group).
-    #[arg(long)]
-    pub num_beam_groups: Option<usize>,
-    /// Hamming diversity penalty of diverse beam search (default 1.0).
-    #[arg(long)]
-    pub diversity_penalty: Option<f64>,
-    /// Length penalty of beam search: score = logprob / length^penalty (default 1.0).
-    #[arg(long)]
-    pub beam_length_penalty: Option<f64>,
-    /// Beam search early stopping: true, false or never (default false).
-    #[arg(long)]
-    pub early_stopping: Option<EarlyStop>,
-    /// Sampling temperature (default 1.0; SP 0.8).
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    /// Top-k of sampling (default 50; 0 turns it off).
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Top-p of sampling (default 1.0).
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    /// New tokens per response, at most (also of the evaluation's greedy generations).
-    #[arg(long, default_value_t = 128)]
-    pub max_new_tokens: usize,
-    /// Prompt tokens, at most (longer prompts keep their end and BOS).
-    #[arg(long, default_value_t = 256)]
-    pub max_prompt_len: usize,
-    /// Stop string (repeatable); default "Human:" and "Assistant:" for HH-style prompts; `--stop ""`: none.
-    #[arg(long)]
-    pub stop: Vec<String>,
-    /// Keep the dataset's responses beside the generated ones (default: the preset's).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub keep_provided: Option<bool>,
-    /// Prompts per generation batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch_prompts: usize,
-    /// bf16: sampling and the evaluation's greedy generations read bf16 copies of an f32 LLaMA's matrices (as
-    /// `rrhf sample --decode-dtype bf16`; training and log-probs stay f32). Default f32.
-    #[arg(long)]
-    pub decode_dtype: Option<crate::device::DTypeSpec>,
+    /// Strategy and its parameters, overriding the preset (as `rrhf sample`).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub decoding: DecodingArgs,
+    /// Token limits, stops, batching, decoding dtype: a heading of their own, as they also set the evaluation's
+    /// greedy generations.
+    #[command(
+        flatten,
+        next_help_heading = "Generation (sampling and the evaluation's greedy generations)"
+    )]
+    #[serde(flatten)]
+    pub gen: GenerationArgs,
 }
 
 /// How the policy is trained (the flags of `rrhf train` other than its files; defaults as there).
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct TrainArgs {
-    /// Weight of the ranking loss (the paper: 1).
-    #[arg(long, default_value_t = 1.0)]
-    pub rank_weight: f64,
-    /// Exponent of the response length in p_i (also of policy: rewards and --pairs accuracy).
-    #[arg(long, default_value_t = 1.0)]
-    pub length_penalty: f64,
-    /// Margin λ per rank position in the ranking loss (0: the paper's loss).
-    #[arg(long, default_value_t = 0.0)]
-    pub margin: f64,
-    /// Reduction of the SFT term: mean or sum (Eq. 4 literally).
-    #[arg(long, default_value = "mean")]
-    pub sft_reduction: SftReduction,
-    /// Queries per micro-batch.
-    #[arg(long, default_value_t = 4)]
-    pub batch_queries: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    pub grad_accum: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-5)]
-    pub lr: f64,
-    /// AdamW β1.
-    #[arg(long, default_value_t = 0.9)]
-    pub beta1: f64,
-    /// AdamW β2.
-    #[arg(long, default_value_t = 0.999)]
-    pub beta2: f64,
-    /// AdamW ε.
-    #[arg(long, default_value_t = 1e-8)]
-    pub adam_eps: f64,
-    /// Decoupled weight decay (not applied to biases and norms).
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
-    /// Fraction of the steps spent warming the learning rate up from 0.
-    #[arg(long, default_value_t = 0.03)]
-    pub warmup_ratio: f64,
-    /// Decay after warm-up: linear (the paper), cosine or constant.
-    #[arg(long, default_value = "linear")]
-    pub schedule: ScheduleKind,
-    /// Clip the global gradient norm to this (≤ 0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f64,
+    /// The loss terms.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub loss: LossArgs,
+    /// Batching, precision and the optimizer.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub optim: OptimArgs,
     /// Passes over the data (IP: over each iteration's samples; OP: over the prompts).
     #[arg(long, default_value_t = 3)]
     pub epochs: u64,
@@ -133,21 +62,6 @@ pub struct TrainArgs {
     /// Keep at most N checkpoints (0: all).
     #[arg(long, default_value_t = 0)]
     pub save_total_limit: usize,
-    /// Skip up to N optimizer steps with a non-finite loss or gradient norm (0: stop at the first).
-    #[arg(long, default_value_t = 0)]
-    pub skip_nonfinite: u64,
-    /// packed: one row per query shared by its responses; padded: one row per response.
-    #[arg(long, default_value = "packed")]
-    pub layout: Layout,
-    /// Recompute each decoder block in backward (less memory, about a third more compute).
-    #[arg(long)]
-    pub grad_checkpoint: bool,
-    /// `--dtype f16`: initial loss scale of IP's training (dynamic, as `rrhf train`).
-    #[arg(long, default_value_t = 65536.0)]
-    pub loss_scale: f64,
-    /// `--dtype f16`: good steps in a row after which the loss scale doubles.
-    #[arg(long, default_value_t = 2000)]
-    pub loss_scale_window: u64,
     /// Print a plain progress line every N steps when stderr is not a terminal.
     #[arg(long, default_value_t = 10)]
     pub log_every: u64,
@@ -185,43 +99,15 @@ impl IterateConfig {
     ) -> SampleConfig {
         let s = &self.sampling;
         SampleConfig {
-            model: Some(model.to_path_buf()),
-            prompts,
-            output,
             setting: Some(s.sample_setting),
-            strategy: s.strategy,
-            num_responses: s.num_responses,
-            num_beams: s.num_beams,
-            num_beam_groups: s.num_beam_groups,
-            diversity_penalty: s.diversity_penalty,
-            beam_length_penalty: s.beam_length_penalty,
-            early_stopping: s.early_stopping,
-            temperature: s.temperature,
-            top_k: s.top_k,
-            top_p: s.top_p,
+            decoding: s.decoding.clone(),
             seed,
-            max_new_tokens: s.max_new_tokens,
-            max_prompt_len: s.max_prompt_len,
-            stop: s.stop.clone(),
-            keep_provided: s.keep_provided,
-            batch_prompts: s.batch_prompts,
+            gen: s.gen.clone(),
             device: self.model.device,
             dtype: self.model.dtype,
-            decode_dtype: self.sampling.decode_dtype,
-            format: self.records.format,
-            prompt_template: self.records.prompt_template,
-            skip_invalid: self.records.skip_invalid,
+            read: self.records.read,
             resume,
-            append: false,
-            endpoint: None,
-            endpoint_model: None,
-            api_key_env: None,
-            endpoint_api: crate::client::ApiKind::Chat,
-            concurrency: 1,
-            timeout_ms: 120_000,
-            retries: 0,
-            backoff_ms: 1000,
-            log_every: 1,
+            ..SampleConfig::local(model.to_path_buf(), prompts, output)
         }
     }
 
@@ -230,12 +116,12 @@ impl IterateConfig {
         let mut s = ScoreConfig::new(data, output, self.reward.clone());
         s.device = self.model.device;
         s.dtype = self.model.dtype;
-        self.reward_args.apply(&mut s);
+        s.reward_args = self.reward_args.clone();
         s.max_len = self.records.max_len;
         s.max_query_len = self.records.max_query_len;
-        s.length_penalty = self.train.length_penalty;
-        s.batch_queries = self.train.batch_queries;
-        s.layout = self.train.layout;
+        s.logprob.length_penalty = self.train.loss.length_penalty;
+        s.logprob.batch_queries = self.train.optim.batch_queries;
+        s.logprob.layout = self.train.optim.layout;
         s.resume = resume;
         s
     }
@@ -253,27 +139,17 @@ impl IterateConfig {
             output,
             // The samples are RRHF records whatever --prompts was.
             records: crate::data::args::RecordArgs {
-                format: InputFormat::Rrhf,
-                prompt_template: PromptTemplate::None,
-                skip_invalid: self.records.skip_invalid,
+                read: ReadArgs {
+                    format: InputFormat::Rrhf,
+                    prompt_template: PromptTemplate::None,
+                    skip_invalid: self.records.read.skip_invalid,
+                },
                 max_len: self.records.max_len,
                 max_query_len: self.records.max_query_len,
                 no_response_eos: self.records.no_response_eos,
             },
-            rank_weight: t.rank_weight,
-            length_penalty: t.length_penalty,
-            margin: t.margin,
-            sft_reduction: t.sft_reduction,
-            batch_queries: t.batch_queries,
-            grad_accum: t.grad_accum,
-            lr: t.lr,
-            beta1: t.beta1,
-            beta2: t.beta2,
-            adam_eps: t.adam_eps,
-            weight_decay: t.weight_decay,
-            warmup_ratio: t.warmup_ratio,
-            schedule: t.schedule,
-            max_grad_norm: t.max_grad_norm,
+            loss: t.loss.clone(),
+            optim: t.optim.clone(),
             epochs: t.epochs,
             max_steps: t.max_steps,
             seed: self.seed,
@@ -284,11 +160,6 @@ impl IterateConfig {
             save_dtype: None,
             resume: None,
             overwrite: false,
-            skip_nonfinite: t.skip_nonfinite,
-            layout: t.layout,
-            grad_checkpoint: t.grad_checkpoint,
-            loss_scale: t.loss_scale,
-            loss_scale_window: t.loss_scale_window,
             log_every: t.log_every,
             // `rrhf iterate` runs as one process: no collective to time out.
             collective_timeout_s: 0.0,
@@ -307,13 +178,8 @@ impl IterateConfig {
                 .unwrap_or_else(|| self.prompts.clone()),
             reward: self.reward.clone(),
             output,
-            max_new_tokens: self.sampling.max_new_tokens,
-            max_prompt_len: self.sampling.max_prompt_len,
-            stop: self.sampling.stop.clone(),
-            batch_prompts: self.sampling.batch_prompts,
-            format: self.records.format,
-            prompt_template: self.records.prompt_template,
-            skip_invalid: self.records.skip_invalid,
+            gen: self.sampling.gen.clone(),
+            read: self.records.read,
             ppl_model: e.ppl_model.clone(),
             ppl_context: e.ppl_context,
             ppl_batch_size: 8,
@@ -327,10 +193,9 @@ impl IterateConfig {
             train_data: None,
             reward_args: self.reward_args.clone(),
             max_len: self.records.max_len,
-            length_penalty: self.train.length_penalty,
+            length_penalty: self.train.loss.length_penalty,
             device: self.model.device,
             dtype: self.model.dtype,
-            decode_dtype: self.sampling.decode_dtype,
         }
     }
 }
@@ -352,9 +217,9 @@ mod tests {
         let argv = "iterate --setting IP --model m --prompts p.jsonl --output o --reward vader --decode-dtype bf16";
         let cfg = Cli::try_parse_from(argv.split_whitespace()).unwrap().cfg;
         let s = cfg.sample_config(Path::new("m"), "p".into(), "o".into(), 1, false);
-        assert_eq!(s.decode_dtype, Some(DTypeSpec::Bf16));
+        assert_eq!(s.gen.decode_dtype, Some(DTypeSpec::Bf16));
         assert_eq!(
-            cfg.eval_config(Path::new("m"), "e".into()).decode_dtype,
+            cfg.eval_config(Path::new("m"), "e".into()).gen.decode_dtype,
             Some(DTypeSpec::Bf16)
         );
         let plain = Cli::try_parse_from(
@@ -366,8 +231,87 @@ mod tests {
         assert_eq!(
             plain
                 .sample_config(Path::new("m"), "p".into(), "o".into(), 1, false)
+                .gen
                 .decode_dtype,
             None
         );
+    }
+
+    /// Parses `argv` (after the program name) into `T` as clap does for a subcommand.
+    fn parse<T: clap::Args + clap::FromArgMatches>(argv: &str) -> (T, clap::Command) {
+        let cmd = T::augment_args(clap::Command::new("rrhf"));
+        let m = cmd
+            .clone()
+            .try_get_matches_from(std::iter::once("rrhf").chain(argv.split_whitespace()))
+            .unwrap();
+        (T::from_arg_matches(&m).unwrap(), cmd)
+    }
+
+    /// args.json and the resume checks read the serialized config by flag name, so the flattened groups must leave
+    /// exactly one top-level key per flag (the field name), as before they were shared.
+    fn assert_flat<T: clap::Args + clap::FromArgMatches + Serialize>(argv: &str) {
+        let (cfg, cmd) = parse::<T>(argv);
+        let json = serde_json::to_value(&cfg).unwrap();
+        let mut keys: Vec<String> = json.as_object().unwrap().keys().cloned().collect();
+        let mut flags: Vec<String> = cmd
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        keys.sort();
+        flags.sort();
+        assert_eq!(keys, flags, "{argv}");
+    }
+
+    #[test]
+    fn every_command_serializes_one_flat_key_per_flag() {
+        use crate::eval::rank::RankConfig;
+        assert_flat::<SampleConfig>("--prompts p --output o");
+        assert_flat::<ScoreConfig>("--data d --output o --reward vader");
+        assert_flat::<TrainConfig>("--model m --data d --output o");
+        assert_flat::<EvalConfig>("--model m --prompts p --output o --reward vader");
+        assert_flat::<RankConfig>("--model m --data d --output o");
+        assert_flat::<super::super::IterateConfig>(
+            "--setting IP --model m --prompts p --output o --reward vader",
+        );
+    }
+
+    #[test]
+    fn shared_groups_keep_each_command_s_defaults_and_reach_the_stages() {
+        let (cfg, _) = parse::<super::super::IterateConfig>(
+            "--setting IP --model m --prompts p --output o --reward vader --top-k 7 --max-new-tokens 9 \
+             --lr 0.5 --length-penalty 2 --batch-queries 3 --batch-size 5 --layout padded",
+        );
+        let s = cfg.sample_config(Path::new("m"), "p".into(), "o".into(), 1, false);
+        assert_eq!((s.decoding.top_k, s.gen.max_new_tokens), (Some(7), 9));
+        let t = cfg.train_config(Path::new("m"), "d".into(), "o".into());
+        assert_eq!(
+            (t.optim.lr, t.loss.length_penalty, t.optim.batch_queries),
+            (0.5, 2.0, 3)
+        );
+        assert_eq!(t.epochs, 3);
+        let sc = cfg.score_config("d".into(), "o".into(), false);
+        assert_eq!(
+            (
+                sc.reward_args.batch_size,
+                sc.logprob.batch_queries,
+                sc.logprob.length_penalty
+            ),
+            (5, 3, 2.0)
+        );
+        assert_eq!(sc.logprob.layout, crate::data::batch::Layout::Padded);
+        let e = cfg.eval_config(Path::new("m"), "e".into());
+        assert_eq!((e.gen.max_new_tokens, e.reward_args.batch_size), (9, 5));
+        // The defaults that differ between commands stay each command's own.
+        let (train, _) = parse::<TrainConfig>("--model m --data d --output o");
+        assert_eq!(train.optim.batch_queries, 4);
+        let (score, _) = parse::<ScoreConfig>("--data d --output o --reward vader");
+        assert_eq!(score.logprob.batch_queries, 8);
+        let (sample, _) = parse::<SampleConfig>("--prompts p --output o");
+        assert_eq!(sample.setting, None);
+        assert_eq!(cfg.sampling.sample_setting, Setting::Dp);
+        // The groups' `Default` is clap's, which every stage config built in code starts from.
+        assert_eq!(GenerationArgs::default().max_new_tokens, 128);
+        assert_eq!(crate::score::args::RewardArgs::default().batch_size, 16);
+        assert_eq!(crate::score::args::LogprobArgs::default().batch_queries, 8);
     }
 }

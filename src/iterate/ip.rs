@@ -274,16 +274,16 @@ pub fn run_ip(cfg: &IterateConfig) -> Result<IpSummary, IterateError> {
     // Every input is checked, and the reward loaded once, before any model work.
     read_prompts(
         &cfg.prompts,
-        cfg.records.format,
-        cfg.records.prompt_template,
-        cfg.records.skip_invalid,
+        cfg.records.read.format,
+        cfg.records.read.prompt_template,
+        cfg.records.read.skip_invalid,
     )?;
     if let Some(p) = &cfg.eval.eval_prompts {
         read_prompts(
             p,
-            cfg.records.format,
-            cfg.records.prompt_template,
-            cfg.records.skip_invalid,
+            cfg.records.read.format,
+            cfg.records.read.prompt_template,
+            cfg.records.read.skip_invalid,
         )?;
     }
     RewardFn::load(&cfg.score_config(cfg.prompts.clone(), cfg.output.join("unused"), false))

@@ -19,8 +19,9 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::data::args::ReadArgs;
 use crate::data::prepare::check_max_len;
-use crate::data::readers::{read_records, InputFormat, PromptTemplate, ReadOptions};
+use crate::data::readers::{read_records, InputFormat, ReadOptions};
 use crate::data::tokenize::{tokenize_record, TokenizedRecord};
 use crate::data::{DataError, Record};
 use crate::fsutil::{write_atomic, write_atomic_with};
@@ -36,8 +37,7 @@ use crate::train::checkpoint::{
     load_checkpoint_state, save_checkpoint, CheckpointParts, TrainerState,
 };
 use crate::train::log::{read_metrics, MetricsLog};
-use crate::train::loss::LossConfig;
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::optim::AdamW;
 use crate::train::output::{latest_checkpoint, previous_run};
 use crate::train::schedule::{lr_at, warmup_steps};
 use crate::train::trainer::{
@@ -103,7 +103,7 @@ fn check_flags(cfg: &IterateConfig) -> Result<(u64, f64), IterateError> {
                 .into(),
         );
     }
-    if cfg.train.batch_queries == 0 || cfg.train.grad_accum == 0 {
+    if cfg.train.optim.batch_queries == 0 || cfg.train.optim.grad_accum == 0 {
         return bad("--batch-queries and --grad-accum must be at least 1".into());
     }
     Ok((k, beta))
@@ -171,9 +171,9 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
     // Every input is checked, and the reward loaded, before the policy.
     let (prompts, _) = read_prompts(
         &cfg.prompts,
-        cfg.records.format,
-        cfg.records.prompt_template,
-        cfg.records.skip_invalid,
+        cfg.records.read.format,
+        cfg.records.read.prompt_template,
+        cfg.records.read.skip_invalid,
     )?;
     let reward =
         RewardFn::load(&cfg.score_config(cfg.prompts.clone(), cfg.output.join("unused"), false))
@@ -188,7 +188,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
         .transpose()?;
 
     let n = prompts.len();
-    let per_step = t.batch_queries * t.grad_accum;
+    let per_step = t.optim.batch_queries * t.optim.grad_accum;
     let steps_per_epoch = n.div_ceil(per_step) as u64;
     let total_steps = t.max_steps.unwrap_or(steps_per_epoch * t.epochs);
     if total_steps == 0 {
@@ -205,13 +205,16 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
         ("--resample-every", json!(k)),
         ("--kl-coef", json!(beta)),
         ("--sample-setting", json!(s.sample_setting.to_string())),
-        ("--strategy", json!(s.strategy.map(|x| x.to_string()))),
-        ("--num-responses", json!(s.num_responses)),
-        ("--temperature", json!(s.temperature)),
-        ("--top-k", json!(s.top_k)),
-        ("--top-p", json!(s.top_p)),
-        ("--max-new-tokens", json!(s.max_new_tokens)),
-        ("--max-prompt-len", json!(s.max_prompt_len)),
+        (
+            "--strategy",
+            json!(s.decoding.strategy.map(|x| x.to_string())),
+        ),
+        ("--num-responses", json!(s.decoding.num_responses)),
+        ("--temperature", json!(s.decoding.temperature)),
+        ("--top-k", json!(s.decoding.top_k)),
+        ("--top-p", json!(s.decoding.top_p)),
+        ("--max-new-tokens", json!(s.gen.max_new_tokens)),
+        ("--max-prompt-len", json!(s.gen.max_prompt_len)),
     ] {
         run.insert(flag.into(), v);
     }
@@ -297,15 +300,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
         side: policy.side.clone(),
         source: policy.source.clone(),
     };
-    let mut optimizer = AdamW::new(
-        vars.clone(),
-        AdamWConfig {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.adam_eps,
-            weight_decay: t.weight_decay,
-        },
-    )?;
+    let mut optimizer = AdamW::new(vars.clone(), t.optim.adamw())?;
     let mut start_step = 0;
     let mut skipped_nonfinite = 0u64;
     if let Some((state, opt)) = &resume_state {
@@ -318,17 +313,12 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
         resume_state.as_ref().map(|s| s.0.step),
     )?;
     let var_list: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-    let warmup = warmup_steps(t.warmup_ratio, total_steps);
-    let loss_cfg = LossConfig {
-        rank_weight: t.rank_weight,
-        length_penalty: t.length_penalty,
-        margin: t.margin,
-        sft_reduction: t.sft_reduction,
-    };
+    let warmup = warmup_steps(t.optim.warmup_ratio, total_steps);
+    let loss_cfg = t.loss.config();
     let lp_opts = LogprobOptions {
         tokenize: tok_opts,
-        layout: t.layout,
-        batch_queries: t.batch_queries,
+        layout: t.optim.layout,
+        batch_queries: t.optim.batch_queries,
     };
     let scratch = Scratch(cfg.output.join(format!(".op-work-{}", std::process::id())));
     std::fs::create_dir_all(&scratch.0).map_err(|e| DataError::io(&scratch.0, e))?;
@@ -383,9 +373,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
             cfg.seed.wrapping_add(round),
             false,
         );
-        sc.format = InputFormat::Auto;
-        sc.prompt_template = PromptTemplate::None;
-        sc.skip_invalid = false;
+        sc.read = ReadArgs::default();
         sample_with_model(&sc, &sampler).map_err(stage_err(at.clone(), "sample"))?;
         let records = read_records(
             &samples_path,
@@ -503,7 +491,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
                     "{at}, step {done}: no query of the step could be scored; nothing to train on"
                 )));
             }
-            let lr = lr_at(t.schedule, t.lr, s, warmup, total_steps);
+            let lr = lr_at(t.optim.schedule, t.optim.lr, s, warmup, total_steps);
             let t_step = Instant::now();
             match optimizer_step(
                 &policy.model,
@@ -551,7 +539,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
                         .iter()
                         .map(|&j| format!("{}:{}", round_path.display(), j + 1))
                         .collect();
-                    if skipped_nonfinite >= t.skip_nonfinite {
+                    if skipped_nonfinite >= t.optim.skip_nonfinite {
                         metrics.write(&json!({
                             "step": done,
                             "nonfinite": what,
@@ -581,7 +569,7 @@ pub fn run_op(cfg: &IterateConfig) -> Result<OpSummary, IterateError> {
                     eprintln!(
                         "step {done}: {what} is {value}; step skipped, no update ({skipped_nonfinite} of at most {} \
                          skipped)",
-                        t.skip_nonfinite
+                        t.optim.skip_nonfinite
                     );
                 }
             }

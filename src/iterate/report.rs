@@ -119,15 +119,17 @@ pub fn ip_markdown(cfg: &IterateConfig, rows: &[IterRow]) -> String {
         cfg.model.dtype
     ));
     let strategy = s
+        .decoding
         .strategy
         .map_or(String::new(), |k| format!(", strategy {k}"));
     let k = s
+        .decoding
         .num_responses
         .map_or(String::new(), |k| format!(", {k} responses"));
     md.push_str(&format!(
         "- sampling (iteration i samples with the model of iteration i − 1): setting {}{strategy}{k}, at most {} new \
          tokens, seed {} + i\n",
-        s.sample_setting, s.max_new_tokens, cfg.seed
+        s.sample_setting, s.gen.max_new_tokens, cfg.seed
     ));
     let length = match t.max_steps {
         Some(m) => format!("{m} steps"),
@@ -135,9 +137,9 @@ pub fn ip_markdown(cfg: &IterateConfig, rows: &[IterRow]) -> String {
     };
     md.push_str(&format!(
         "- training per iteration: {length} of {} queries, lr {}, {} schedule, max length {}\n",
-        t.batch_queries * t.grad_accum,
-        t.lr,
-        t.schedule,
+        t.optim.batch_queries * t.optim.grad_accum,
+        t.optim.lr,
+        t.optim.schedule,
         cfg.records.max_len
     ));
     md.push_str(&format!(

@@ -1,4 +1,5 @@
-//! The flags of `rrhf sample` ([`SampleConfig`]), its error and its summary.
+//! The flags of `rrhf sample` ([`SampleConfig`]), with the groups `rrhf iterate` and `rrhf eval` share
+//! ([`DecodingArgs`], [`GenerationArgs`]); its error and its summary.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -6,7 +7,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::client::{ApiKind, ClientError, ClientStats};
-use crate::data::readers::{InputFormat, PromptTemplate};
+use crate::data::args::ReadArgs;
 use crate::data::DataError;
 use crate::device::{DTypeSpec, DeviceSpec};
 use crate::model::ModelError;
@@ -28,73 +29,26 @@ pub struct SampleConfig {
     /// The paper's preset: BP, SP, DP, D or P (Table 1); flags below override it.
     #[arg(long)]
     pub setting: Option<Setting>,
-    /// greedy, beam, diverse-beam or sample (default: the setting's).
-    #[arg(long)]
-    pub strategy: Option<StrategyKind>,
-    /// Generated responses per prompt (default 4; 1 for greedy).
-    #[arg(long)]
-    pub num_responses: Option<usize>,
-    /// Beams of beam / diverse beam search (default max(4, --num-responses)).
-    #[arg(long)]
-    pub num_beams: Option<usize>,
-    /// Groups of diverse beam search (default: one beam per group).
-    #[arg(long)]
-    pub num_beam_groups: Option<usize>,
-    /// Hamming diversity penalty of diverse beam search (default 1.0).
-    #[arg(long)]
-    pub diversity_penalty: Option<f64>,
-    /// Length penalty of beam search: score = logprob / length^penalty (default 1.0).
-    #[arg(long)]
-    pub beam_length_penalty: Option<f64>,
-    /// Beam search early stopping: true, false or never (Hugging Face semantics; default false).
-    #[arg(long)]
-    pub early_stopping: Option<EarlyStop>,
-    /// Sampling temperature (sampling and endpoints only; default 1.0, SP 0.8).
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    /// Top-k of sampling (default 50 as Hugging Face; 0 turns it off).
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Top-p (nucleus) of sampling (default 1.0).
-    #[arg(long)]
-    pub top_p: Option<f64>,
+    /// Strategy and its parameters, overriding the preset.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub decoding: DecodingArgs,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// New tokens per response, at most.
-    #[arg(long, default_value_t = 128)]
-    pub max_new_tokens: usize,
-    /// Prompt tokens, at most: longer prompts keep their end (and BOS).
-    #[arg(long, default_value_t = 256)]
-    pub max_prompt_len: usize,
-    /// Stop string (repeatable): a response ends before the first one. Default for HH-style prompts
-    /// ("\n\nHuman:" in them): "Human:" and "Assistant:"; `--stop ""` turns stops off.
-    #[arg(long)]
-    pub stop: Vec<String>,
-    /// Keep the dataset's responses after the generated ones (default: the setting's; `--keep-provided false`).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub keep_provided: Option<bool>,
-    /// Prompts per generation batch (local model) or per round of requests (endpoint).
-    #[arg(long, default_value_t = 8)]
-    pub batch_prompts: usize,
+    /// Token limits, stops, batching and the decoding dtype.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub gen: GenerationArgs,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: DTypeSpec,
-    /// bf16: decoding steps read bf16 copies of an f32 LLaMA's matrices (CPU; about half the bytes per token; an
-    /// approximation of the f32 policy, never used for training log-probs). Default f32.
-    #[arg(long)]
-    pub decode_dtype: Option<DTypeSpec>,
-    /// Input format of --prompts.
-    #[arg(long, default_value = "auto")]
-    pub format: InputFormat,
-    /// Template applied to queries (alpaca: the Stanford Alpaca prompt).
-    #[arg(long, default_value = "none")]
-    pub prompt_template: PromptTemplate,
-    /// Skip (and count) malformed prompt records instead of stopping at the first.
-    #[arg(long)]
-    pub skip_invalid: bool,
+    /// `--format`, `--prompt-template`, `--skip-invalid` of --prompts.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub read: ReadArgs,
     /// Continue the output file: prompts already in it are skipped (with --append: those that already have
     /// responses from this run's source).
     #[arg(long)]
@@ -132,6 +86,105 @@ pub struct SampleConfig {
     /// of N (and after the first and the last batch).
     #[arg(long, default_value_t = 1)]
     pub log_every: u64,
+}
+
+/// The strategy flags that override a `--setting` preset (shared by `rrhf sample` and `rrhf iterate`, whose
+/// presets differ).
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct DecodingArgs {
+    /// greedy, beam, diverse-beam or sample (default: the preset's).
+    #[arg(long)]
+    pub strategy: Option<StrategyKind>,
+    /// Generated responses per prompt (default 4; 1 for greedy).
+    #[arg(long)]
+    pub num_responses: Option<usize>,
+    /// Beams of beam / diverse beam search (default max(4, --num-responses)).
+    #[arg(long)]
+    pub num_beams: Option<usize>,
+    /// Groups of diverse beam search (default: one beam per group).
+    #[arg(long)]
+    pub num_beam_groups: Option<usize>,
+    /// Hamming diversity penalty of diverse beam search (default 1.0).
+    #[arg(long)]
+    pub diversity_penalty: Option<f64>,
+    /// Length penalty of beam search: score = logprob / length^penalty (default 1.0).
+    #[arg(long)]
+    pub beam_length_penalty: Option<f64>,
+    /// Beam search early stopping: true, false or never (Hugging Face semantics; default false).
+    #[arg(long)]
+    pub early_stopping: Option<EarlyStop>,
+    /// Sampling temperature (sampling and endpoints only; default 1.0, SP 0.8).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Top-k of sampling (default 50 as Hugging Face; 0 turns it off).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Top-p (nucleus) of sampling (default 1.0).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Keep the dataset's responses after the generated ones (default: the preset's; `--keep-provided false`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub keep_provided: Option<bool>,
+}
+
+/// The limits and batching of generation (shared by `rrhf sample`, `rrhf iterate` and `rrhf eval`).
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct GenerationArgs {
+    /// New tokens per response, at most.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Prompt tokens, at most: longer prompts keep their end (and BOS).
+    #[arg(long, default_value_t = 256)]
+    pub max_prompt_len: usize,
+    /// Stop string (repeatable): a response ends before the first one. Default for HH-style prompts
+    /// ("\n\nHuman:" in them): "Human:" and "Assistant:"; `--stop ""` turns stops off.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Prompts per generation batch (`rrhf sample --endpoint`: per round of requests).
+    #[arg(long, default_value_t = 8)]
+    pub batch_prompts: usize,
+    /// bf16: decoding steps read bf16 copies of an f32 LLaMA's matrices (CPU; about half the bytes per token; an
+    /// approximation of the f32 model, never used for training log-probs, perplexity or p_i). Default f32.
+    #[arg(long)]
+    pub decode_dtype: Option<DTypeSpec>,
+}
+
+impl Default for GenerationArgs {
+    /// The command-line defaults.
+    fn default() -> Self {
+        crate::cli_defaults()
+    }
+}
+
+impl SampleConfig {
+    /// A run of the local `model` on `prompts` into `output` with the command-line defaults otherwise: the base
+    /// `rrhf eval` and `rrhf iterate` stage their generations on, so neither spells out the endpoint flags it never
+    /// uses.
+    pub fn local(model: PathBuf, prompts: PathBuf, output: PathBuf) -> Self {
+        SampleConfig {
+            model: Some(model),
+            prompts,
+            output,
+            setting: None,
+            decoding: DecodingArgs::default(),
+            seed: 42,
+            gen: GenerationArgs::default(),
+            device: DeviceSpec::Cpu,
+            dtype: DTypeSpec::F32,
+            read: ReadArgs::default(),
+            resume: false,
+            append: false,
+            endpoint: None,
+            endpoint_model: None,
+            api_key_env: None,
+            endpoint_api: ApiKind::Chat,
+            concurrency: 1,
+            timeout_ms: 120_000,
+            retries: 0,
+            backoff_ms: 1000,
+            log_every: 1,
+        }
+    }
 }
 
 /// An error of `rrhf sample`.

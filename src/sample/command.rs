@@ -23,7 +23,7 @@ use crate::model::{LoadedModel, ModelError};
 use crate::progress::Progress;
 
 use super::args::config_err;
-pub use super::args::{SampleConfig, SampleError, SampleSummary};
+pub use super::args::{DecodingArgs, GenerationArgs, SampleConfig, SampleError, SampleSummary};
 use super::plan::{describe, plan, Generator, Plan};
 use super::prompts::{read_prompts, Prompt};
 pub use super::settings::{EarlyStop, Setting, StrategyKind};
@@ -99,17 +99,17 @@ pub fn sample_with_model(
 
 fn run(cfg: &SampleConfig, preloaded: Option<&LoadedModel>) -> Result<SampleSummary, SampleError> {
     let plan = plan(cfg)?;
-    if cfg.max_new_tokens == 0 && plan.k > 0 {
+    if cfg.gen.max_new_tokens == 0 && plan.k > 0 {
         return Err(config_err("--max-new-tokens must be at least 1"));
     }
-    if cfg.max_prompt_len == 0 {
+    if cfg.gen.max_prompt_len == 0 {
         return Err(config_err("--max-prompt-len must be at least 1"));
     }
     let (prompts, invalid_skipped) = read_prompts(
         &cfg.prompts,
-        cfg.format,
-        cfg.prompt_template,
-        cfg.skip_invalid,
+        cfg.read.format,
+        cfg.read.prompt_template,
+        cfg.read.skip_invalid,
     )?;
     if plan.k == 0 {
         if let Some(i) = prompts.iter().position(|p| p.provided.is_empty()) {
@@ -120,7 +120,7 @@ fn run(cfg: &SampleConfig, preloaded: Option<&LoadedModel>) -> Result<SampleSumm
             )));
         }
     }
-    let stops = resolve_stops(&cfg.stop, &prompts);
+    let stops = resolve_stops(&cfg.gen.stop, &prompts);
     let comm = dist::world();
     if comm.is_root() {
         eprintln!("{}", describe(&plan, cfg, &stops));
@@ -136,8 +136,8 @@ fn run(cfg: &SampleConfig, preloaded: Option<&LoadedModel>) -> Result<SampleSumm
     let part = shard.part();
     // Blocks of absolute prompt indices: a resumed run meets the same batches (and sampling seeds) as one run.
     let block = match &plan.generator {
-        Generator::Endpoint { .. } => cfg.batch_prompts.max(cfg.concurrency).max(1),
-        _ => cfg.batch_prompts.max(1),
+        Generator::Endpoint { .. } => cfg.gen.batch_prompts.max(cfg.concurrency).max(1),
+        _ => cfg.gen.batch_prompts.max(1),
     };
 
     // The existing output and the prompts still to do.

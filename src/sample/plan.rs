@@ -47,14 +47,14 @@ pub(super) fn plan(cfg: &SampleConfig) -> Result<Plan, SampleError> {
             "give --model or --endpoint, not both: run `rrhf sample` once per source and combine them with --append",
         ));
     }
-    let num_responses = positive("--num-responses", cfg.num_responses)?;
+    let num_responses = positive("--num-responses", cfg.decoding.num_responses)?;
     if setting == Some(Setting::P) {
-        if cfg.endpoint.is_some() || cfg.strategy.is_some() {
+        if cfg.endpoint.is_some() || cfg.decoding.strategy.is_some() {
             return Err(config_err(
                 "setting P uses the dataset's responses only: drop --endpoint / --strategy, or pick another setting",
             ));
         }
-        if cfg.keep_provided == Some(false) {
+        if cfg.decoding.keep_provided == Some(false) {
             return Err(config_err(
                 "setting P with --keep-provided false leaves no responses",
             ));
@@ -66,20 +66,23 @@ pub(super) fn plan(cfg: &SampleConfig) -> Result<Plan, SampleError> {
             source: String::new(),
         });
     }
-    let keep_provided = cfg.keep_provided.unwrap_or(matches!(
+    let keep_provided = cfg.decoding.keep_provided.unwrap_or(matches!(
         setting,
         Some(Setting::Bp | Setting::Sp | Setting::Dp)
     ));
     let sp = setting == Some(Setting::Sp);
-    let temperature = cfg.temperature.unwrap_or(if sp { 0.8 } else { 1.0 });
-    let top_p = cfg.top_p.unwrap_or(1.0);
+    let temperature = cfg
+        .decoding
+        .temperature
+        .unwrap_or(if sp { 0.8 } else { 1.0 });
+    let top_p = cfg.decoding.top_p.unwrap_or(1.0);
     if top_p.is_nan() || top_p <= 0.0 || top_p > 1.0 {
         return Err(config_err(format!(
             "--top-p must be in (0, 1], got {top_p}"
         )));
     }
     if let Some(url) = &cfg.endpoint {
-        if let Some(s) = cfg.strategy.filter(|s| *s != StrategyKind::Sample) {
+        if let Some(s) = cfg.decoding.strategy.filter(|s| *s != StrategyKind::Sample) {
             return Err(config_err(format!(
                 "--strategy {s} needs a local model: an endpoint samples (give --temperature / --top-p)"
             )));
@@ -101,7 +104,7 @@ pub(super) fn plan(cfg: &SampleConfig) -> Result<Plan, SampleError> {
             source: format!("endpoint:{name}"),
         });
     }
-    let kind = match (cfg.strategy, setting) {
+    let kind = match (cfg.decoding.strategy, setting) {
         (Some(k), _) => k,
         (None, Some(Setting::Bp)) => StrategyKind::Beam,
         (None, Some(Setting::Dp | Setting::D)) => StrategyKind::DiverseBeam,
@@ -119,9 +122,13 @@ pub(super) fn plan(cfg: &SampleConfig) -> Result<Plan, SampleError> {
         )));
     }
     let k = num_responses.unwrap_or(if kind == StrategyKind::Greedy { 1 } else { 4 });
-    let num_beams = positive("--num-beams", cfg.num_beams)?.unwrap_or(k.max(4));
-    let length_penalty = cfg.beam_length_penalty.unwrap_or(1.0);
-    let early_stopping = cfg.early_stopping.unwrap_or(EarlyStop::False).engine();
+    let num_beams = positive("--num-beams", cfg.decoding.num_beams)?.unwrap_or(k.max(4));
+    let length_penalty = cfg.decoding.beam_length_penalty.unwrap_or(1.0);
+    let early_stopping = cfg
+        .decoding
+        .early_stopping
+        .unwrap_or(EarlyStop::False)
+        .engine();
     let beams_fit = |what: &str| -> Result<(), SampleError> {
         if k > num_beams {
             return Err(config_err(format!(
@@ -149,13 +156,14 @@ pub(super) fn plan(cfg: &SampleConfig) -> Result<Plan, SampleError> {
         }
         StrategyKind::DiverseBeam => {
             beams_fit("diverse beam search")?;
-            let groups = positive("--num-beam-groups", cfg.num_beam_groups)?.unwrap_or(num_beams);
+            let groups =
+                positive("--num-beam-groups", cfg.decoding.num_beam_groups)?.unwrap_or(num_beams);
             if num_beams % groups != 0 {
                 return Err(config_err(format!(
                     "--num-beams {num_beams} must be divisible by --num-beam-groups {groups}"
                 )));
             }
-            let diversity_penalty = cfg.diversity_penalty.unwrap_or(1.0);
+            let diversity_penalty = cfg.decoding.diversity_penalty.unwrap_or(1.0);
             if diversity_penalty.is_nan() || diversity_penalty < 0.0 {
                 return Err(config_err(format!(
                     "--diversity-penalty must be ≥ 0, got {diversity_penalty}"
@@ -177,7 +185,7 @@ pub(super) fn plan(cfg: &SampleConfig) -> Result<Plan, SampleError> {
             }
             Strategy::Sample {
                 temperature,
-                top_k: match cfg.top_k {
+                top_k: match cfg.decoding.top_k {
                     Some(0) => None,
                     Some(t) => Some(t),
                     None => Some(50),
@@ -254,7 +262,7 @@ pub(super) fn describe(plan: &Plan, cfg: &SampleConfig, stops: &[String]) -> Str
     let limits = if plan.k > 0 {
         format!(
             "; max new tokens {}, max prompt tokens {}, stop {stops:?}",
-            cfg.max_new_tokens, cfg.max_prompt_len
+            cfg.gen.max_new_tokens, cfg.gen.max_prompt_len
         )
     } else {
         String::new()

@@ -102,27 +102,27 @@ impl Source {
                         load_model(path, &device, cfg.dtype.dtype())?
                     }
                 };
-                match cfg.decode_dtype {
+                match cfg.gen.decode_dtype {
                     None | Some(DTypeSpec::F32) => {}
                     Some(DTypeSpec::Bf16) => model.model.enable_bf16_decode()?,
                     Some(DTypeSpec::F16) => {
                         return Err(config_err("--decode-dtype takes f32 or bf16".to_string()))
                     }
                 }
-                let mut max_prompt_len = cfg.max_prompt_len;
+                let mut max_prompt_len = cfg.gen.max_prompt_len;
                 if let Some(positions) = model.model.max_positions() {
-                    if cfg.max_new_tokens >= positions {
+                    if cfg.gen.max_new_tokens >= positions {
                         return Err(config_err(format!(
                             "--max-new-tokens {} leaves no room for a prompt in the model's {positions} positions",
-                            cfg.max_new_tokens
+                            cfg.gen.max_new_tokens
                         )));
                     }
-                    if max_prompt_len + cfg.max_new_tokens > positions {
-                        max_prompt_len = positions - cfg.max_new_tokens;
+                    if max_prompt_len + cfg.gen.max_new_tokens > positions {
+                        max_prompt_len = positions - cfg.gen.max_new_tokens;
                         eprintln!(
                             "note: prompts are cut to {max_prompt_len} tokens so that {} new tokens fit the model's \
                              {positions} positions",
-                            cfg.max_new_tokens
+                            cfg.gen.max_new_tokens
                         );
                     }
                 }
@@ -182,7 +182,7 @@ impl Source {
                     unreachable!("an endpoint source has an endpoint plan")
                 };
                 let params = CompletionParams {
-                    max_tokens: cfg.max_new_tokens,
+                    max_tokens: cfg.gen.max_new_tokens,
                     temperature,
                     top_p,
                     n: plan.k,
@@ -296,7 +296,7 @@ pub(super) fn local_batch(
     let opts = GenerateOptions {
         strategy: strategy.clone(),
         num_return_sequences: plan.k,
-        max_new_tokens: cfg.max_new_tokens,
+        max_new_tokens: cfg.gen.max_new_tokens,
         stop_ids: tok.stop_ids.clone(),
         pad_id: tok.pad_id,
         // One seed per block of prompts: the same in a resumed run.

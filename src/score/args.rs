@@ -1,40 +1,43 @@
-//! The reward flags shared by every command that scores responses (`rrhf eval`, `rrhf iterate`); `rrhf score`
-//! spells the same flags out in its own config.
+//! The flag groups of `rrhf score` that other commands share: the reward flags (`rrhf eval`, `rrhf iterate`) and
+//! the policy log-prob flags (`rrhf rank`).
 
 use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{ScoreConfig, ScoreOn};
+use crate::data::batch::Layout;
+
+use super::ScoreOn;
 
 /// How a response is scored (the reward flags of `rrhf score`, with its defaults).
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct RewardArgs {
-    /// Text a model: or vader reward sees: response or full (query + response).
+    /// Sequences per reward-model forward.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Text a text-based reward sees: response, or full (query + response). Default: full for model:, response for
+    /// vader.
     #[arg(long)]
     pub score_on: Option<ScoreOn>,
-    /// Classifier label whose probability is the reward (model: classifiers).
+    /// Classifier label whose softmax probability is the reward (name from id2label, LABEL_i, or index).
     #[arg(long)]
     pub label: Option<String>,
-    /// config.json of the reward model (checkpoints without one).
+    /// config.json of the reward model (for checkpoints that ship without one, e.g. Dahoas/gptj-rm-static).
     #[arg(long)]
     pub rm_config: Option<PathBuf>,
     /// tokenizer.json of the reward model.
     #[arg(long)]
     pub rm_tokenizer: Option<PathBuf>,
-    /// Longest reward-model input in tokens.
+    /// Longest reward-model input in tokens (default: the model's position limit; 1024 for the Dahoas layout).
     #[arg(long)]
     pub rm_max_len: Option<usize>,
-    /// Text between query and response for the reward model.
+    /// Text between query and response (default: "" for sequence classifiers, " " for the Dahoas layout).
     #[arg(long)]
     pub rm_separator: Option<String>,
-    /// Append EOS to the reward-model input.
+    /// Append EOS to the reward-model input (always on for the Dahoas layout).
     #[arg(long)]
     pub rm_append_eos: bool,
-    /// Sequences per reward-model forward.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Model name sent to a judge: endpoint.
+    /// Model name sent to the judge endpoint.
     #[arg(long)]
     pub judge_model: Option<String>,
     /// Environment variable holding the judge's API key.
@@ -42,18 +45,30 @@ pub struct RewardArgs {
     pub api_key_env: Option<String>,
 }
 
-impl RewardArgs {
-    /// Copies these flags into an `rrhf score` config.
-    pub fn apply(&self, s: &mut ScoreConfig) {
-        s.batch_size = self.batch_size;
-        s.score_on = self.score_on;
-        s.label = self.label.clone();
-        s.rm_config = self.rm_config.clone();
-        s.rm_tokenizer = self.rm_tokenizer.clone();
-        s.rm_max_len = self.rm_max_len;
-        s.rm_separator = self.rm_separator.clone();
-        s.rm_append_eos = self.rm_append_eos;
-        s.judge_model = self.judge_model.clone();
-        s.api_key_env = self.api_key_env.clone();
+impl Default for RewardArgs {
+    /// The command-line defaults.
+    fn default() -> Self {
+        crate::cli_defaults()
+    }
+}
+
+/// How the policy's log-probs are computed (a policy: reward and the KL term of `rrhf score`; `rrhf rank`).
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct LogprobArgs {
+    /// Exponent of the response length in p_i.
+    #[arg(long, default_value_t = 1.0)]
+    pub length_penalty: f64,
+    /// Queries per forward of the policy (all their responses go in one forward).
+    #[arg(long, default_value_t = 8)]
+    pub batch_queries: usize,
+    /// packed: one row per query shared by its responses (faster); padded: one row per response.
+    #[arg(long, default_value = "packed")]
+    pub layout: Layout,
+}
+
+impl Default for LogprobArgs {
+    /// The command-line defaults.
+    fn default() -> Self {
+        crate::cli_defaults()
     }
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::client::{Client, EndpointConfig};
-use crate::data::batch::Layout;
-use crate::data::readers::{read_records, write_records, InputFormat, PromptTemplate, ReadOptions};
+use crate::data::args::ReadArgs;
+use crate::data::readers::{read_records, write_records, InputFormat, ReadOptions};
 use crate::data::tokenize::TokenizeOptions;
 use crate::data::Record;
 use crate::device::{DTypeSpec, DeviceSpec};
@@ -23,6 +23,7 @@ use crate::model::reward::{load_reward_model, RewardLoadOptions};
 use crate::model::{load_model, LoadedModel};
 use crate::progress::Progress;
 
+use super::args::{LogprobArgs, RewardArgs};
 use super::judge::Judge;
 use super::logprob::{sequence_logprobs, LogprobOptions};
 use super::reward_model::ModelScorer;
@@ -41,48 +42,18 @@ pub struct ScoreConfig {
     /// model:DIR | judge:URL | vader | policy:DIR | labels.
     #[arg(long)]
     pub reward: RewardSpec,
-    #[arg(long, default_value = "auto")]
-    pub format: InputFormat,
-    #[arg(long, default_value = "none")]
-    pub prompt_template: PromptTemplate,
-    /// Skip (and count) invalid input records instead of failing.
-    #[arg(long)]
-    pub skip_invalid: bool,
+    /// `--format`, `--prompt-template`, `--skip-invalid` of --data.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub read: ReadArgs,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     #[arg(long, default_value = "f32")]
     pub dtype: DTypeSpec,
-    /// Sequences per reward-model forward.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Text a text-based reward sees: response, or full (query + response). Default: full for model:, response for
-    /// vader.
-    #[arg(long)]
-    pub score_on: Option<ScoreOn>,
-    /// Classifier label whose softmax probability is the reward (name from id2label, LABEL_i, or index).
-    #[arg(long)]
-    pub label: Option<String>,
-    /// config.json of the reward model (for checkpoints that ship without one, e.g. Dahoas/gptj-rm-static).
-    #[arg(long)]
-    pub rm_config: Option<PathBuf>,
-    /// tokenizer.json of the reward model.
-    #[arg(long)]
-    pub rm_tokenizer: Option<PathBuf>,
-    /// Longest reward-model input in tokens (default: the model's position limit; 1024 for the Dahoas layout).
-    #[arg(long)]
-    pub rm_max_len: Option<usize>,
-    /// Text between query and response (default: "" for sequence classifiers, " " for the Dahoas layout).
-    #[arg(long)]
-    pub rm_separator: Option<String>,
-    /// Append EOS to the reward-model input (always on for the Dahoas layout).
-    #[arg(long)]
-    pub rm_append_eos: bool,
-    /// Model name sent to the judge endpoint.
-    #[arg(long)]
-    pub judge_model: Option<String>,
-    /// Environment variable holding the judge's API key.
-    #[arg(long)]
-    pub api_key_env: Option<String>,
+    /// The reward-model and judge flags (shared with `rrhf eval` and `rrhf iterate`).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub reward_args: RewardArgs,
     /// Timeout of one judge request, in milliseconds.
     #[arg(long, default_value_t = 120_000)]
     pub judge_timeout_ms: u64,
@@ -105,14 +76,10 @@ pub struct ScoreConfig {
     pub max_len: usize,
     #[arg(long)]
     pub max_query_len: Option<usize>,
-    /// Exponent of the response length in p_i (policy:).
-    #[arg(long, default_value_t = 1.0)]
-    pub length_penalty: f64,
-    /// Queries per forward for policy:/KL log-probs.
-    #[arg(long, default_value_t = 8)]
-    pub batch_queries: usize,
-    #[arg(long, default_value = "packed")]
-    pub layout: Layout,
+    /// How policy: and KL log-probs are computed (shared with `rrhf rank`).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub logprob: LogprobArgs,
     /// β of the KL penalty R − β·(log π(y|x) − log ρ(y|x)); needs --policy and --reference.
     #[arg(long)]
     pub kl_coef: Option<f64>,
@@ -143,21 +110,10 @@ impl ScoreConfig {
             data,
             output,
             reward,
-            format: InputFormat::Auto,
-            prompt_template: PromptTemplate::None,
-            skip_invalid: false,
+            read: ReadArgs::default(),
             device: DeviceSpec::Cpu,
             dtype: DTypeSpec::F32,
-            batch_size: 16,
-            score_on: None,
-            label: None,
-            rm_config: None,
-            rm_tokenizer: None,
-            rm_max_len: None,
-            rm_separator: None,
-            rm_append_eos: false,
-            judge_model: None,
-            api_key_env: None,
+            reward_args: RewardArgs::default(),
             judge_timeout_ms: 120_000,
             judge_retries: 3,
             judge_backoff_ms: 1000,
@@ -166,9 +122,7 @@ impl ScoreConfig {
             judge_temperature: 0.0,
             max_len: 192,
             max_query_len: None,
-            length_penalty: 1.0,
-            batch_queries: 8,
-            layout: Layout::Packed,
+            logprob: LogprobArgs::default(),
             kl_coef: None,
             policy: None,
             reference: None,
@@ -255,10 +209,10 @@ impl Scorer {
     /// Records per chunk between progress updates and saves.
     fn chunk(&self, cfg: &ScoreConfig) -> usize {
         match self {
-            Scorer::Model(_) => cfg.batch_size.max(1) * 4,
+            Scorer::Model(_) => cfg.reward_args.batch_size.max(1) * 4,
             Scorer::Judge(_) => cfg.judge_concurrency.max(1) * 2,
             Scorer::Vader(_) | Scorer::Labels => 1024,
-            Scorer::Policy(..) => cfg.batch_queries.max(1) * 4,
+            Scorer::Policy(..) => cfg.logprob.batch_queries.max(1) * 4,
         }
     }
 
@@ -309,12 +263,12 @@ fn check_flags(cfg: &ScoreConfig) -> Result<(), ScoreError> {
     let is_judge = matches!(cfg.reward, RewardSpec::Judge(_));
     if !is_model {
         for (set, flag) in [
-            (cfg.label.is_some(), "--label"),
-            (cfg.rm_config.is_some(), "--rm-config"),
-            (cfg.rm_tokenizer.is_some(), "--rm-tokenizer"),
-            (cfg.rm_max_len.is_some(), "--rm-max-len"),
-            (cfg.rm_separator.is_some(), "--rm-separator"),
-            (cfg.rm_append_eos, "--rm-append-eos"),
+            (cfg.reward_args.label.is_some(), "--label"),
+            (cfg.reward_args.rm_config.is_some(), "--rm-config"),
+            (cfg.reward_args.rm_tokenizer.is_some(), "--rm-tokenizer"),
+            (cfg.reward_args.rm_max_len.is_some(), "--rm-max-len"),
+            (cfg.reward_args.rm_separator.is_some(), "--rm-separator"),
+            (cfg.reward_args.rm_append_eos, "--rm-append-eos"),
         ] {
             if set {
                 return Err(config_err(format!(
@@ -324,17 +278,20 @@ fn check_flags(cfg: &ScoreConfig) -> Result<(), ScoreError> {
             }
         }
     }
-    if is_judge && cfg.judge_model.is_none() {
+    if is_judge && cfg.reward_args.judge_model.is_none() {
         return Err(config_err(
             "--reward judge:URL needs --judge-model NAME (the `model` field of each request)",
         ));
     }
-    if !is_judge && (cfg.judge_model.is_some() || cfg.api_key_env.is_some()) {
+    if !is_judge && (cfg.reward_args.judge_model.is_some() || cfg.reward_args.api_key_env.is_some())
+    {
         return Err(config_err(
             "--judge-model / --api-key-env apply to --reward judge:URL only",
         ));
     }
-    if cfg.score_on.is_some() && !matches!(cfg.reward, RewardSpec::Model(_) | RewardSpec::Vader) {
+    if cfg.reward_args.score_on.is_some()
+        && !matches!(cfg.reward, RewardSpec::Model(_) | RewardSpec::Vader)
+    {
         return Err(config_err(
             "--score-on applies to --reward model:DIR and vader only",
         ));
@@ -409,27 +366,27 @@ fn make_scorer(
             let rm = load_reward_model(
                 path,
                 &RewardLoadOptions {
-                    config: cfg.rm_config.clone(),
-                    tokenizer: cfg.rm_tokenizer.clone(),
-                    max_len: cfg.rm_max_len,
+                    config: cfg.reward_args.rm_config.clone(),
+                    tokenizer: cfg.reward_args.rm_tokenizer.clone(),
+                    max_len: cfg.reward_args.rm_max_len,
                 },
                 device,
                 dtype,
             )?;
             Scorer::Model(Box::new(ModelScorer::new(
                 rm,
-                cfg.label.as_deref(),
-                cfg.score_on,
-                cfg.rm_separator.as_deref(),
-                cfg.rm_append_eos,
-                cfg.batch_size,
+                cfg.reward_args.label.as_deref(),
+                cfg.reward_args.score_on,
+                cfg.reward_args.rm_separator.as_deref(),
+                cfg.reward_args.rm_append_eos,
+                cfg.reward_args.batch_size,
             )?))
         }
         RewardSpec::Judge(url) => {
             let ep = EndpointConfig {
                 url: url.clone(),
-                model: cfg.judge_model.clone().unwrap_or_default(),
-                api_key_env: cfg.api_key_env.clone(),
+                model: cfg.reward_args.judge_model.clone().unwrap_or_default(),
+                api_key_env: cfg.reward_args.api_key_env.clone(),
                 timeout: Duration::from_millis(cfg.judge_timeout_ms),
                 max_retries: cfg.judge_retries,
                 backoff: Duration::from_millis(cfg.judge_backoff_ms),
@@ -441,10 +398,10 @@ fn make_scorer(
                 cfg.judge_temperature,
             ))
         }
-        RewardSpec::Vader => Scorer::Vader(cfg.score_on.unwrap_or(ScoreOn::Response)),
+        RewardSpec::Vader => Scorer::Vader(cfg.reward_args.score_on.unwrap_or(ScoreOn::Response)),
         RewardSpec::Policy(path) => {
             let m = load_model(path, device, dtype)?;
-            Scorer::Policy(Box::new(m), lp_opts, cfg.length_penalty)
+            Scorer::Policy(Box::new(m), lp_opts, cfg.logprob.length_penalty)
         }
         RewardSpec::Labels => Scorer::Labels,
     })
@@ -467,8 +424,8 @@ impl RewardFn {
         let device = cfg.device.open()?;
         let lp_opts = LogprobOptions {
             tokenize: TokenizeOptions::new(cfg.max_len, cfg.max_query_len).map_err(config_err)?,
-            layout: cfg.layout,
-            batch_queries: cfg.batch_queries,
+            layout: cfg.logprob.layout,
+            batch_queries: cfg.logprob.batch_queries,
         };
         let scorer = make_scorer(cfg, &device, lp_opts)?;
         let chunk = scorer.chunk(cfg);
@@ -525,18 +482,10 @@ pub fn score(cfg: &ScoreConfig) -> Result<ScoreSummary, ScoreError> {
     let tokenize = TokenizeOptions::new(cfg.max_len, cfg.max_query_len).map_err(config_err)?;
     let lp_opts = LogprobOptions {
         tokenize,
-        layout: cfg.layout,
-        batch_queries: cfg.batch_queries,
+        layout: cfg.logprob.layout,
+        batch_queries: cfg.logprob.batch_queries,
     };
-    let read = read_records(
-        &cfg.data,
-        &ReadOptions {
-            format: cfg.format,
-            prompt_template: cfg.prompt_template,
-            skip_invalid: cfg.skip_invalid,
-            require_scores: false,
-        },
-    )?;
+    let read = read_records(&cfg.data, &cfg.read.options(false))?;
     let input = read.records;
     let n = input.len();
 

@@ -1,10 +1,11 @@
 //! Training: the RRHF loss, optimizer, schedule and loop.
 //!
-//! Files: loss (the paper's equations), optim (fused AdamW), schedule, precision (mixed precision), trainer (the
+//! Files: args (the flag groups `rrhf iterate` shares), loss (the paper's equations), optim (fused AdamW), schedule, precision (mixed precision), trainer (the
 //! loop), checkpoint, output (previous runs in `--output`), log (metrics.jsonl), bench (train and AdamW benchmarks).
 //!
 //! May import: `model`, `data` and the base modules (`progress`, `plot`); never another stage.
 
+pub mod args;
 pub mod bench;
 pub mod checkpoint;
 pub mod log;

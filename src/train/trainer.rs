@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::data::args::RecordArgs;
-use crate::data::batch::{build_batch, Layout};
+use crate::data::batch::build_batch;
 pub(crate) use crate::data::prepare::check_max_len;
 use crate::data::prepare::tokenize_all;
 pub use crate::data::prepare::{prepare, Prepared};
@@ -29,16 +29,17 @@ use crate::model::save::{link_pretrained, save_pretrained};
 use crate::model::{load_model, CausalLm, ModelError, Weights};
 use crate::rng::Rng;
 
+use super::args::{LossArgs, OptimArgs};
 use super::checkpoint::{
     load_checkpoint_state, save_checkpoint, CheckpointParts, LossScalerState, TrainerState,
 };
 use super::log::{read_metrics, MetricsLog, Progress};
-use super::loss::{rrhf_loss, LossConfig, LossOutput, SftReduction};
-use super::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+use super::loss::{rrhf_loss, LossConfig, LossOutput};
+use super::optim::{clip_grad_norm, global_grad_norm, AdamW};
 use super::output::{clear_previous_run, latest_checkpoint, previous_run};
 use super::plot::{plot_curves, Series};
 use super::precision::{stored_dtype, LossScaler, Precision, ScaleOutcome};
-use super::schedule::{lr_at, warmup_steps, ScheduleKind};
+use super::schedule::{lr_at, warmup_steps};
 use crate::model::recompute::grads_by_recompute;
 
 /// Everything `rrhf train` can be told (every field is a flag; `--config FILE.toml` may set any of them).
@@ -58,45 +59,14 @@ pub struct TrainConfig {
     #[command(flatten)]
     #[serde(flatten)]
     pub records: RecordArgs,
-    /// Weight of the ranking loss (the paper: 1).
-    #[arg(long, default_value_t = 1.0)]
-    pub rank_weight: f64,
-    /// Exponent of the response length in p_i.
-    #[arg(long, default_value_t = 1.0)]
-    pub length_penalty: f64,
-    /// Margin λ per rank position in the ranking loss (0: the paper's loss).
-    #[arg(long, default_value_t = 0.0)]
-    pub margin: f64,
-    /// Reduction of the SFT term over the best response's tokens: mean or sum (Eq. 4 literally).
-    #[arg(long, default_value = "mean")]
-    pub sft_reduction: SftReduction,
-    /// Queries per micro-batch (all their responses go in one forward).
-    #[arg(long, default_value_t = 4)]
-    pub batch_queries: usize,
-    /// Micro-batches per optimizer step (queries per step = batch_queries × grad_accum; the paper: 64).
-    #[arg(long, default_value_t = 1)]
-    pub grad_accum: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-5)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 0.9)]
-    pub beta1: f64,
-    #[arg(long, default_value_t = 0.999)]
-    pub beta2: f64,
-    #[arg(long, default_value_t = 1e-8)]
-    pub adam_eps: f64,
-    /// Decoupled weight decay (not applied to biases and norms).
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
-    /// Fraction of the steps spent warming the learning rate up from 0.
-    #[arg(long, default_value_t = 0.03)]
-    pub warmup_ratio: f64,
-    /// Decay after warm-up: linear (the paper), cosine (the original scripts) or constant.
-    #[arg(long, default_value = "linear")]
-    pub schedule: ScheduleKind,
-    /// Clip the global gradient norm to this (≤ 0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f64,
+    /// The loss terms.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub loss: LossArgs,
+    /// Batching, precision and the optimizer.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub optim: OptimArgs,
     /// Passes over the data.
     #[arg(long, default_value_t = 3)]
     pub epochs: u64,
@@ -120,13 +90,6 @@ pub struct TrainConfig {
     /// dtype); checkpoints always hold the f32 master weights, so a resumed run continues exactly.
     #[arg(long)]
     pub save_dtype: Option<DTypeSpec>,
-    /// `--dtype f16`: initial loss scale (dynamic: halved on overflow, doubled after --loss-scale-window good
-    /// steps).
-    #[arg(long, default_value_t = 65536.0)]
-    pub loss_scale: f64,
-    /// `--dtype f16`: good steps in a row after which the loss scale doubles.
-    #[arg(long, default_value_t = 2000)]
-    pub loss_scale_window: u64,
     /// Continue from OUTPUT/checkpoint-N (same data and flags): the loss sequence equals an uninterrupted run.
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -134,17 +97,6 @@ pub struct TrainConfig {
     /// --resume) an output directory holding a run is refused and left untouched.
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
-    /// Skip up to N optimizer steps whose loss or gradient norm is NaN or infinite (no update; counted in
-    /// metrics.jsonl as `skipped_nonfinite`). 0: stop at the first one.
-    #[arg(long, default_value_t = 0)]
-    pub skip_nonfinite: u64,
-    /// Keep only each decoder block's input in the forward and recompute the block in backward: one block's
-    /// activations alive at a time instead of all of them (about a third more compute; same gradients).
-    #[arg(long)]
-    pub grad_checkpoint: bool,
-    /// packed: one row per query shared by its responses (faster); padded: one row per response.
-    #[arg(long, default_value = "packed")]
-    pub layout: Layout,
     /// Print a plain progress line every N steps when stderr is not a terminal.
     #[arg(long, default_value_t = 10)]
     pub log_every: u64,
@@ -263,21 +215,24 @@ pub(crate) fn run_fingerprint(
     data: String,
 ) -> BTreeMap<String, Value> {
     let mut run = BTreeMap::from([
-        ("--batch-queries".into(), json!(cfg.batch_queries)),
-        ("--grad-accum".into(), json!(cfg.grad_accum)),
+        ("--batch-queries".into(), json!(cfg.optim.batch_queries)),
+        ("--grad-accum".into(), json!(cfg.optim.grad_accum)),
         ("--max-len".into(), json!(cfg.records.max_len)),
         ("--max-query-len".into(), json!(max_query_len)),
-        ("--format".into(), json!(cfg.records.format.to_string())),
+        (
+            "--format".into(),
+            json!(cfg.records.read.format.to_string()),
+        ),
         (
             "--prompt-template".into(),
-            json!(cfg.records.prompt_template.to_string()),
+            json!(cfg.records.read.prompt_template.to_string()),
         ),
-        ("--rank-weight".into(), json!(cfg.rank_weight)),
-        ("--length-penalty".into(), json!(cfg.length_penalty)),
-        ("--margin".into(), json!(cfg.margin)),
+        ("--rank-weight".into(), json!(cfg.loss.rank_weight)),
+        ("--length-penalty".into(), json!(cfg.loss.length_penalty)),
+        ("--margin".into(), json!(cfg.loss.margin)),
         (
             "--sft-reduction".into(),
-            json!(cfg.sft_reduction.to_string()),
+            json!(cfg.loss.sft_reduction.to_string()),
         ),
         ("--data content".into(), json!(data)),
         ("--dtype".into(), json!(cfg.model.dtype.to_string())),
@@ -480,12 +435,12 @@ fn run_queries(
 ) -> Result<StepStats, TrainError> {
     let mut stats = StepStats::default();
     let total = records.len();
-    let per = cfg.batch_queries.max(1);
+    let per = cfg.optim.batch_queries.max(1);
     for (k, chunk) in records.chunks(per).enumerate() {
         if k % comm.size() != comm.rank() {
             continue;
         }
-        let batch = build_batch(chunk, cfg.layout, pad_id, device)?;
+        let batch = build_batch(chunk, cfg.optim.layout, pad_id, device)?;
         let scores: Vec<Vec<f64>> = chunk.iter().map(|r| r.scores.clone()).collect();
         let weight = chunk.len() as f64 / total as f64;
         // The loss of this micro-batch from its label log-probs: the loss output, its value, and the tensor
@@ -507,7 +462,7 @@ fn run_queries(
             Ok(((loss * (weight * loss_scale))?, (out, value)))
         };
         let (out, loss_value) = match grads.as_mut() {
-            Some((vars, acc)) if cfg.grad_checkpoint => {
+            Some((vars, acc)) if cfg.optim.grad_checkpoint => {
                 let ((out, value), step_grads) =
                     grads_by_recompute(model, &batch.input, &batch.labels, vars, loss_of)?;
                 if value.is_finite() {
@@ -643,7 +598,7 @@ pub(crate) fn optimizer_step(
     // every decision below) uses the global norm and is the same on every rank.
     dist::all_reduce_sum_tensors(comm, &mut grads)?;
     debug_dump_grads(comm, optimizer.steps(), &grads)?;
-    let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+    let grad_norm = clip_grad_norm(&mut grads, cfg.optim.max_grad_norm)?;
     // Under f16 loss scaling an overflow is expected (the scale is probed upwards): skip and halve, not an
     // error; a non-finite norm at the floor scale (or without scaling) is a real one.
     let outcome = match precision.as_mut().and_then(|p| p.scaler.as_mut()) {
@@ -674,7 +629,7 @@ pub(crate) fn optimizer_step(
 /// checkpoint to resume from, the data (file:line), `--max-len` against the model, and that a resumed run repeats
 /// the flags and data of the run it continues.
 pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, TrainError> {
-    if cfg.batch_queries == 0 || cfg.grad_accum == 0 {
+    if cfg.optim.batch_queries == 0 || cfg.optim.grad_accum == 0 {
         return Err(TrainError::Config(
             "--batch-queries and --grad-accum must be at least 1".into(),
         ));
@@ -740,7 +695,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
     };
     let n = data.records.len();
     // The global batch: every rank runs --grad-accum micro-batches of --batch-queries per step.
-    let per_step = cfg.batch_queries * cfg.grad_accum * comm.size();
+    let per_step = cfg.optim.batch_queries * cfg.optim.grad_accum * comm.size();
     let steps_per_epoch = n.div_ceil(per_step) as u64;
     let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs);
     if total_steps == 0 {
@@ -768,13 +723,8 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             )));
         }
     }
-    let warmup = warmup_steps(cfg.warmup_ratio, total_steps);
-    let loss_cfg = LossConfig {
-        rank_weight: cfg.rank_weight,
-        length_penalty: cfg.length_penalty,
-        margin: cfg.margin,
-        sft_reduction: cfg.sft_reduction,
-    };
+    let warmup = warmup_steps(cfg.optim.warmup_ratio, total_steps);
+    let loss_cfg = cfg.loss.config();
 
     // Validated: from here on the output directory is written, by rank 0 only, and only once every rank has
     // looked at it (a rank still checking would otherwise find rank 0's new files and refuse them as a previous
@@ -790,19 +740,11 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         write_atomic(&cfg.output.join("args.json"), args_text.as_bytes())?;
     }
 
-    let scaler = LossScaler::new(cfg.loss_scale, cfg.loss_scale_window)
+    let scaler = LossScaler::new(cfg.optim.loss_scale, cfg.optim.loss_scale_window)
         .map_err(|e| TrainError::Config(format!("--loss-scale / --loss-scale-window: {e}")))?;
     let (model, mut precision) = Precision::new(&loaded.model, dtype, Some(scaler))?;
     let vars = precision.masters().to_vec();
-    let mut optimizer = AdamW::new(
-        vars.clone(),
-        AdamWConfig {
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.adam_eps,
-            weight_decay: cfg.weight_decay,
-        },
-    )?;
+    let mut optimizer = AdamW::new(vars.clone(), cfg.optim.adamw())?;
     let mut start_step = 0;
     let mut skipped_nonfinite = 0u64;
     if let Some((state, opt)) = &resume_state {
@@ -853,7 +795,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         data.truncated_queries,
         data.truncated_responses,
         vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
-        cfg.layout
+        cfg.optim.layout
     ));
 
     let mut order: Vec<usize> = Vec::new();
@@ -874,7 +816,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         let offset = ((step % steps_per_epoch) as usize) * per_step;
         let picked_idx = &order[offset..(offset + per_step).min(n)];
         let picked: Vec<&TokenizedRecord> = picked_idx.iter().map(|&i| &data.records[i]).collect();
-        let lr = lr_at(cfg.schedule, cfg.lr, step, warmup, total_steps);
+        let lr = lr_at(cfg.optim.schedule, cfg.optim.lr, step, warmup, total_steps);
         let done = step + 1;
         fault_rank_at(comm, done);
         comm.take_traffic();
@@ -906,7 +848,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         };
         if let Some((what, value, blamed)) = nonfinite {
             let origins: Vec<String> = blamed.iter().map(|&i| data.origin(i)).collect();
-            if skipped_nonfinite >= cfg.skip_nonfinite {
+            if skipped_nonfinite >= cfg.optim.skip_nonfinite {
                 log(&json!({
                     "step": done,
                     "nonfinite": what,
@@ -934,7 +876,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             }))?;
             say(&format!(
                 "step {done}: {what} is {value}; step skipped, no update ({skipped_nonfinite} of at most {} skipped; records {})",
-                cfg.skip_nonfinite,
+                cfg.optim.skip_nonfinite,
                 origins.join(", ")
             ));
         } else if overflow {
@@ -1123,10 +1065,10 @@ pub(crate) fn nonfinite_error(
         ),
         None => "No checkpoint was written before it (--save-every N writes some)".into(),
     };
-    let skip = if cfg.skip_nonfinite > 0 {
+    let skip = if cfg.optim.skip_nonfinite > 0 {
         format!(
             ", or allow more than the {skipped} skipped steps --skip-nonfinite {} allows",
-            cfg.skip_nonfinite
+            cfg.optim.skip_nonfinite
         )
     } else {
         ", or pass --skip-nonfinite N to skip up to N such steps".into()

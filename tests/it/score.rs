@@ -106,12 +106,12 @@ fn run_model(
     let out = dir.join(format!("{name}.out.jsonl"));
     let model = path.unwrap_or_else(|| score_dir().join("models").join(name));
     let mut cfg = ScoreConfig::new(data, out.clone(), RewardSpec::Model(model));
-    cfg.batch_size = 3; // rows of different lengths in one batch: padding
+    cfg.reward_args.batch_size = 3; // rows of different lengths in one batch: padding
     if m["append_eos"].as_bool().unwrap() && m["kind"] != "gptj_rm" {
-        cfg.rm_append_eos = true;
+        cfg.reward_args.rm_append_eos = true;
     }
     if let Some(l) = m.get("label").and_then(Value::as_str) {
-        cfg.label = Some(l.to_string());
+        cfg.reward_args.label = Some(l.to_string());
     }
     tweak(&mut cfg);
     let s = score(&cfg).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -170,8 +170,8 @@ fn gptj_reward_model_reads_the_pytorch_pickle() {
     fs::create_dir_all(&alone).unwrap();
     fs::copy(src.join("gptj_rm.pt"), alone.join("hf_ckpt.pt")).unwrap();
     let got = run_model("gptj_rm", m, &dir, Some(alone.clone()), |c| {
-        c.rm_config = Some(src.join("config.json"));
-        c.rm_tokenizer = Some(src.join("tokenizer.json"));
+        c.reward_args.rm_config = Some(src.join("config.json"));
+        c.reward_args.rm_tokenizer = Some(src.join("tokenizer.json"));
     });
     assert_scores("gptj_rm (.pt + --rm-config/--rm-tokenizer)", &got, &want);
     // Without a config the error names the flag.
@@ -198,14 +198,14 @@ fn classifier_needs_a_known_label() {
     );
     let e = score(&cfg).unwrap_err().to_string();
     assert!(e.contains("--label") && e.contains("POSITIVE"), "{e}");
-    cfg.label = Some("happy".into());
+    cfg.reward_args.label = Some("happy".into());
     let e = score(&cfg).unwrap_err().to_string();
     assert!(e.contains("happy") && e.contains("NEGATIVE"), "{e}");
     // By index and by case-insensitive name: the same rewards.
-    cfg.label = Some("1".into());
+    cfg.reward_args.label = Some("1".into());
     score(&cfg).unwrap();
     let a = read_out(&dir.join("out.jsonl"));
-    cfg.label = Some("positive".into());
+    cfg.reward_args.label = Some("positive".into());
     score(&cfg).unwrap();
     assert_eq!(a, read_out(&dir.join("out.jsonl")));
 }
@@ -294,7 +294,7 @@ fn vader_reward_on_response_or_full_text() {
         vec![c(" this film was wonderful!"), c(" it was awful.")]
     );
     assert!(got[0] > 0.5 && got[1] < -0.3, "{got:?}");
-    cfg.score_on = Some(ScoreOn::Full);
+    cfg.reward_args.score_on = Some(ScoreOn::Full);
     score(&cfg).unwrap();
     let got = read_out(&out)[0].scores.clone().unwrap();
     assert_eq!(got[0], c("I hate waiting, but this film was wonderful!"));
@@ -353,7 +353,7 @@ fn kl_penalty_is_the_difference_of_sequence_logprobs() {
     cfg.kl_coef = Some(0.5);
     cfg.policy = Some(models.join("llama"));
     cfg.reference = Some(models.join("llama_tied"));
-    cfg.batch_queries = 2; // both records in one packed batch
+    cfg.logprob.batch_queries = 2; // both records in one packed batch
     let s = score(&cfg).unwrap();
     let got = read_out(&out);
     let mut kl_sum = 0.0;
@@ -377,7 +377,7 @@ fn kl_penalty_is_the_difference_of_sequence_logprobs() {
     }
     assert!((s.mean_kl.unwrap() - kl_sum / n as f64).abs() < 1e-4);
     // The padded layout gives the same.
-    cfg.layout = rrhf::data::batch::Layout::Padded;
+    cfg.logprob.layout = rrhf::data::batch::Layout::Padded;
     score(&cfg).unwrap();
     for (a, b) in read_out(&out).iter().zip(&got) {
         for (x, y) in a
@@ -422,7 +422,7 @@ fn policy_reward_is_p_i() {
     let out = dir.join("out.jsonl");
     let models = crate::common::fixtures().join("models");
     let mut cfg = ScoreConfig::new(data, out.clone(), RewardSpec::Policy(models.join("gpt2")));
-    cfg.length_penalty = 1.0;
+    cfg.logprob.length_penalty = 1.0;
     // The fixture GPT-2 embeds 64 positions; a longer --max-len is refused.
     cfg.max_len = 64;
     score(&cfg).unwrap();
@@ -457,7 +457,7 @@ fn labels_keep_the_data_and_unscored_records_are_reported() {
     score(&cfg).unwrap();
     assert_eq!(read_out(&out).len(), 1);
     // Flags of other reward kinds are refused.
-    cfg.label = Some("POSITIVE".into());
+    cfg.reward_args.label = Some("POSITIVE".into());
     assert!(score(&cfg).unwrap_err().to_string().contains("--label"));
 }
 
@@ -563,7 +563,7 @@ fn judge_cfg(dir: &Path, url: &str) -> ScoreConfig {
     let data = dir.join("in.jsonl");
     write_records(&data, &judge_records()).unwrap();
     let mut cfg = ScoreConfig::new(data, dir.join("out.jsonl"), RewardSpec::Judge(url.into()));
-    cfg.judge_model = Some("judge-test".into());
+    cfg.reward_args.judge_model = Some("judge-test".into());
     cfg.judge_timeout_ms = 5000;
     cfg.judge_retries = 1;
     cfg.judge_backoff_ms = 1;
@@ -620,13 +620,13 @@ fn judge_scores_well_formed_replies_and_reports_the_rest() {
 fn judge_needs_a_model_name_and_reachable_key() {
     let dir = temp_dir();
     let mut cfg = judge_cfg(&dir, "http://127.0.0.1:9");
-    cfg.judge_model = None;
+    cfg.reward_args.judge_model = None;
     assert!(score(&cfg)
         .unwrap_err()
         .to_string()
         .contains("--judge-model"));
-    cfg.judge_model = Some("m".into());
-    cfg.api_key_env = Some("RRHF_TEST_SURELY_UNSET_KEY".into());
+    cfg.reward_args.judge_model = Some("m".into());
+    cfg.reward_args.api_key_env = Some("RRHF_TEST_SURELY_UNSET_KEY".into());
     let e = score(&cfg).unwrap_err().to_string();
     assert!(e.contains("RRHF_TEST_SURELY_UNSET_KEY"), "{e}");
 }
