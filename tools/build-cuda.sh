@@ -2,6 +2,7 @@
 # Builds `rrhf` with `--features cuda` on a machine with neither a GPU nor a system CUDA toolkit.
 #
 #   bash tools/build-cuda.sh            # → prints the binary's path as its last line
+#   bash tools/build-cuda.sh --clippy   # instead: cargo clippy -D warnings of the CUDA-only code (lib + binary)
 #
 # What it does, and why:
 # 1. Installs the CUDA compiler pieces from PyPI into tools/.cuda-venv (git-ignored): nvidia-cuda-nvcc,
@@ -124,6 +125,13 @@ export PATH="$CUDA_ROOT_DIR/bin:$PATH"
 export CARGO_TARGET_DIR="$BUILD/target"
 # rustc-link-search for the static cudart; -lrt/-ldl/-lpthread are what libcudart_static.a needs.
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$BUILD/link -C link-arg=-lrt -C link-arg=-ldl -C link-arg=-lpthread"
+if [[ "${1:-}" == "--clippy" ]]; then
+  step "cargo clippy --release --features $FEATURES --lib --bins -- -D warnings"
+  (cd "$BUILD/crate" && cargo clippy --release --features "$FEATURES" --lib --bins -- -D warnings) \
+    || die "cargo clippy --features $FEATURES found problems (see above)"
+  step "clippy clean"
+  exit 0
+fi
 step "cargo build --release --features $FEATURES (target $CARGO_TARGET_DIR; this takes a while)"
 start=$(date +%s)
 (cd "$BUILD/crate" && cargo build --release --features "$FEATURES" --bin rrhf) || die "cargo build --features $FEATURES failed (see above)"
