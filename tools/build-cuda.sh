@@ -4,6 +4,9 @@
 #   bash tools/build-cuda.sh            # → prints the binary's path as its last line
 #   bash tools/build-cuda.sh --clippy   # instead: cargo clippy -D warnings of the CUDA-only code (lib + binary)
 #
+# It also leaves tools/.cuda-build/carry (rrhf.gz + lib/): what a GPU machine without Rust needs, ≈ 20 MB
+# (tools/gpu_check.sh unpacks it when given no binary).
+#
 # What it does, and why:
 # 1. Installs the CUDA compiler pieces from PyPI into tools/.cuda-venv (git-ignored): nvidia-cuda-nvcc,
 #    nvidia-nvvm, nvidia-cuda-crt, nvidia-cuda-runtime and nvidia-cuda-cccl, all of ONE CUDA minor series
@@ -146,4 +149,20 @@ if command -v readelf >/dev/null; then
 fi
 "$BIN" --help >/dev/null || die "$BIN --help failed"
 step "built in $(( $(date +%s) - start )) s, $(du -h "$BIN" | cut -f1)"
+
+# 4. A bundle for a GPU machine without Rust (tools/gpu_check.sh finds it): the binary gzip'd (the device tool
+#    carries at most 64 MiB; the 70 MB binary, mostly PTX text, packs to ≈ 20 MB) and the shared libraries it needs
+#    beyond the C/C++ runtime (Open MPI's, for an mpi or nccl build: machines with PyTorch rarely have them). Without
+#    a launcher rrhf never initialises MPI, so these libraries only have to load.
+CARRY="$BUILD/carry"
+rm -rf "$CARRY"
+mkdir -p "$CARRY/lib"
+gzip -c "$BIN" >"$CARRY/rrhf.gz"
+ldd "$BIN" | awk '/=> \// {print $3}' | while read -r lib; do
+  case "$(basename "$lib")" in
+    libc.so*|libm.so*|libgcc_s.so*|libstdc++.so*|ld-linux*|libpthread.so*|libdl.so*|librt.so*) ;;
+    *) cp -L "$lib" "$CARRY/lib/" ;;
+  esac
+done
+step "bundle for a machine without Rust: $CARRY ($(du -sh "$CARRY" | cut -f1); carry tools/.cuda-build/carry)"
 echo "$BIN"

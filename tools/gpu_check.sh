@@ -3,7 +3,8 @@
 # libraries), but no Rust toolchain and no network. Carry the binary from tools/build-cuda.sh and this checkout
 # (the fixtures in tests/fixtures and examples/tiny), then:
 #
-#   bash tools/gpu_check.sh [PATH/TO/rrhf]        # default: $RRHF_BIN, else tools/.cuda-build/target/release/rrhf
+#   bash tools/gpu_check.sh [PATH/TO/rrhf]        # default: $RRHF_BIN, else tools/.cuda-build/target/release/rrhf,
+#                                                 # else the bundle tools/.cuda-build/carry (carry that folder)
 #
 # 1. One RRHF training step on the tiny fixture LLaMA on the GPU (f32 and bf16) against the same step on the CPU
 #    in f32: loss and gradient norm (from metrics.jsonl of `rrhf train --max-steps 1`) within relative 1e-4 (f32)
@@ -27,6 +28,14 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${1:-${RRHF_BIN:-$ROOT/tools/.cuda-build/target/release/rrhf}}
 GPU=${GPU_INDEX:-0}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rrhf-gpu-check.XXXXXX")
+CARRY="$ROOT/tools/.cuda-build/carry"
+# The bundle tools/build-cuda.sh leaves for a machine without Rust: the binary gzip'd and the libraries it needs.
+if [[ $# -eq 0 && -z "${RRHF_BIN:-}" && ! -x "$BIN" && -f "$CARRY/rrhf.gz" ]]; then
+  BIN="$WORK/rrhf"
+  gunzip -c "$CARRY/rrhf.gz" >"$BIN"
+  chmod +x "$BIN"
+  export LD_LIBRARY_PATH="$CARRY/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 START=$SECONDS
 
 die() { echo "gpu_check: FAILED: $*" >&2; exit 1; }
