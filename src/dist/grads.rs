@@ -66,6 +66,35 @@ pub fn all_reduce_sum_tensors(comm: &Comm, grads: &mut [Tensor]) -> Result<()> {
     Ok(())
 }
 
+/// Packs each bucket of `grads` into one flat f32 tensor on their device, replaces it by `reduce(flat)` (same
+/// length) and unpacks the result into the gradients' shapes and dtypes: the device-side half of an all-reduce,
+/// with the collective itself in `reduce`.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+pub(super) fn reduce_packed(
+    grads: &mut [Tensor],
+    buckets: &[Range<usize>],
+    mut reduce: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<()> {
+    for range in buckets {
+        let parts = grads[range.clone()]
+            .iter()
+            .map(|g| g.to_dtype(DType::F32)?.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        let flat = Tensor::cat(&parts, 0)?;
+        let summed = reduce(&flat)?;
+        let mut at = 0;
+        for g in &mut grads[range.clone()] {
+            let k = g.elem_count();
+            *g = summed
+                .narrow(0, at, k)?
+                .reshape(g.shape())?
+                .to_dtype(g.dtype())?;
+            at += k;
+        }
+    }
+    Ok(())
+}
+
 /// The L2 norm of all gradients and a CRC-32 of their bits (in order): equal digests on two ranks mean equal
 /// gradients, bit for bit.
 pub fn grad_digest(grads: &[Tensor]) -> Result<(f64, String)> {
@@ -100,6 +129,40 @@ mod tests {
         let (_, hb) = grad_digest(&[b]).unwrap();
         assert!((na - 14f64.sqrt()).abs() < 1e-12);
         assert_ne!(ha, hb);
+    }
+
+    #[test]
+    fn packed_reduce_returns_each_gradient_in_its_shape_and_dtype() {
+        let dev = Device::Cpu;
+        let a = Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0]], &dev).unwrap();
+        let b = Tensor::new(&[5.0f32, -6.0, 7.0], &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let c = Tensor::new(&[[[8.0f32]]], &dev).unwrap();
+        let mut grads = vec![a, b, c];
+        let mut seen = Vec::new();
+        // Two ranks holding the same gradients: the sum doubles every element.
+        reduce_packed(&mut grads, &[0..2, 2..3], |flat| {
+            seen.push(flat.to_vec1::<f32>()?);
+            flat * 2.0
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            vec![vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.0, 7.0], vec![8.0]]
+        );
+        assert_eq!(
+            grads[0].to_vec2::<f32>().unwrap(),
+            [[2.0, 4.0], [6.0, 8.0]]
+        );
+        assert_eq!(grads[1].dtype(), DType::BF16);
+        assert_eq!(
+            grads[1].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+            [10.0, -12.0, 14.0]
+        );
+        assert_eq!(grads[2].dims(), [1, 1, 1]);
+        assert_eq!(grads[2].flatten_all().unwrap().to_vec1::<f32>().unwrap(), [16.0]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use candle_core::cuda_backend::cudarc::nccl::{Comm as NcclComm, Id, ReduceOp};
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
-use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CudaStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use super::Comm;
 
@@ -114,29 +114,17 @@ pub(super) fn all_reduce_sum(
 ) -> Result<()> {
     let device = grads[0].device().clone();
     let nccl = communicator(comm, device.as_cuda_device()?)?;
-    for range in buckets {
-        let parts = grads[range.clone()]
-            .iter()
-            .map(|g| g.to_dtype(DType::F32)?.flatten_all())
-            .collect::<Result<Vec<_>>>()?;
-        let flat = Tensor::cat(&parts, 0)?;
+    super::grads::reduce_packed(grads, buckets, |flat| {
         // Backward's kernels finish first, so the collective's time is communication, not compute.
         device.synchronize()?;
-        let bytes = flat.elem_count() * 4;
-        let summed = comm.collective("the gradient all-reduce (NCCL)", bytes, || {
-            let out = flat.apply_op1_no_bwd(&AllReduce(&nccl))?;
-            device.synchronize()?;
-            Ok::<_, candle_core::Error>(out)
-        })?;
-        let mut at = 0;
-        for g in &mut grads[range.clone()] {
-            let k = g.elem_count();
-            *g = summed
-                .narrow(0, at, k)?
-                .reshape(g.shape())?
-                .to_dtype(g.dtype())?;
-            at += k;
-        }
-    }
-    Ok(())
+        comm.collective(
+            "the gradient all-reduce (NCCL)",
+            flat.elem_count() * 4,
+            || {
+                let out = flat.apply_op1_no_bwd(&AllReduce(&nccl))?;
+                device.synchronize()?;
+                Ok::<_, candle_core::Error>(out)
+            },
+        )
+    })
 }
