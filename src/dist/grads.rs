@@ -152,17 +152,21 @@ mod tests {
             seen,
             vec![vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.0, 7.0], vec![8.0]]
         );
-        assert_eq!(
-            grads[0].to_vec2::<f32>().unwrap(),
-            [[2.0, 4.0], [6.0, 8.0]]
-        );
+        assert_eq!(grads[0].to_vec2::<f32>().unwrap(), [[2.0, 4.0], [6.0, 8.0]]);
         assert_eq!(grads[1].dtype(), DType::BF16);
         assert_eq!(
-            grads[1].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+            grads[1]
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
             [10.0, -12.0, 14.0]
         );
         assert_eq!(grads[2].dims(), [1, 1, 1]);
-        assert_eq!(grads[2].flatten_all().unwrap().to_vec1::<f32>().unwrap(), [16.0]);
+        assert_eq!(
+            grads[2].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [16.0]
+        );
     }
 
     #[test]
