@@ -43,7 +43,9 @@ pub fn all_reduce_sum_tensors(comm: &Comm, grads: &mut [Tensor]) -> Result<()> {
     if grads[0].device().is_cuda()
         && (comm.is_parallel() || std::env::var(NCCL_WORLD_OF_ONE).is_ok_and(|v| v == "1"))
     {
-        return super::nccl::all_reduce_sum(comm, grads, &buckets(grads));
+        let device = grads[0].device().clone();
+        let sum = super::nccl::summer(comm, &device)?;
+        return reduce_packed(grads, &buckets(grads), sum);
     }
     if !comm.is_parallel() {
         return Ok(());

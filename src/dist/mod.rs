@@ -13,7 +13,7 @@
 //!
 //! Files: mod.rs (Comm, init), backend.rs (the MPI calls, feature `mpi`), grads.rs (gradient all-reduce and
 //! digest), nccl.rs (the all-reduce of CUDA gradients on the GPUs, feature `nccl`), shard.rs (sharded
-//! sample/score parts and their merge).
+//! sample/score parts and their merge), zero.rs (optimizer-state sharding, `rrhf train --zero-stage 1`).
 //!
 //! May import: `data` (the records of sharded parts) and the base modules; never a stage.
 
@@ -23,6 +23,7 @@ mod grads;
 #[cfg(feature = "nccl")]
 mod nccl;
 pub mod shard;
+pub mod zero;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};

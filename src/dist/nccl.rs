@@ -106,15 +106,14 @@ impl CustomOp1 for AllReduce<'_> {
     }
 }
 
-/// Replaces each bucket of `grads` (all on one CUDA device) by its sum over all ranks, in f32 on the GPU.
-pub(super) fn all_reduce_sum(
-    comm: &Comm,
-    grads: &mut [Tensor],
-    buckets: &[std::ops::Range<usize>],
-) -> Result<()> {
-    let device = grads[0].device().clone();
+/// The sum over all ranks of a flat f32 tensor on `device` (a CUDA device), by NCCL, timed and watched as a
+/// collective; the communicator is joined on first use.
+pub(super) fn summer<'a>(
+    comm: &'a Comm,
+    device: &'a candle_core::Device,
+) -> Result<impl FnMut(&Tensor) -> Result<Tensor> + 'a> {
     let nccl = communicator(comm, device.as_cuda_device()?)?;
-    super::grads::reduce_packed(grads, buckets, |flat| {
+    Ok(move |flat: &Tensor| {
         // Backward's kernels finish first, so the collective's time is communication, not compute.
         device.synchronize()?;
         comm.collective(

@@ -163,6 +163,7 @@ impl IterateConfig {
             log_every: t.log_every,
             // `rrhf iterate` runs as one process: no collective to time out.
             collective_timeout_s: 0.0,
+            zero_stage: 0,
         }
     }
 

@@ -55,6 +55,8 @@ enum Moments {
     Host { m: Vec<f32>, v: Vec<f32> },
     /// Tensor path: f32 tensors of the parameter's shape on its device.
     Dev { m: Tensor, v: Tensor },
+    /// Another rank's parameter under optimizer-state sharding (ZeRO-1): no state here, no update.
+    Absent,
 }
 
 /// AdamW over named candle Vars. Parameters whose name ends in `.bias` or contains `norm` or `ln_` get no weight
@@ -63,6 +65,10 @@ pub struct AdamW {
     params: Vec<(String, Var)>,
     decay: Vec<bool>,
     moments: Vec<Moments>,
+    /// The parameters this process updates and keeps state for (all of them unless sharded).
+    owned: std::ops::Range<usize>,
+    /// Built by [`AdamW::with_owned`]: the other parameters' updates come from other ranks.
+    sharded: bool,
     cfg: AdamWConfig,
     steps: u64,
     threads: usize,
@@ -254,6 +260,25 @@ impl InplaceOp2 for FusedAdamW<'_> {
 
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let all = 0..params.len();
+        let mut opt = Self::with_owned(params, cfg, all)?;
+        opt.sharded = false;
+        Ok(opt)
+    }
+
+    /// AdamW that keeps state for and updates only `params[owned]` (optimizer-state sharding: the other
+    /// parameters are some other rank's, whose updated values arrive by broadcast).
+    pub fn with_owned(
+        params: Vec<(String, Var)>,
+        cfg: AdamWConfig,
+        owned: std::ops::Range<usize>,
+    ) -> Result<Self> {
+        if owned.end > params.len() || owned.start > owned.end {
+            return Err(ModelError::Input(format!(
+                "AdamW: owned parameters {owned:?} out of 0..{}",
+                params.len()
+            )));
+        }
         let mut seen = std::collections::HashSet::new();
         for (name, _) in &params {
             if !seen.insert(name.as_str()) {
@@ -281,8 +306,10 @@ impl AdamW {
             .map(|(n, _)| weight_decay_applies(n))
             .collect();
         let mut moments = Vec::with_capacity(params.len());
-        for (_, var) in &params {
-            moments.push(if Self::fusable(var) {
+        for (i, (_, var)) in params.iter().enumerate() {
+            moments.push(if !owned.contains(&i) {
+                Moments::Absent
+            } else if Self::fusable(var) {
                 let n = var.elem_count();
                 Moments::Host {
                     m: vec![0.0; n],
@@ -297,6 +324,8 @@ impl AdamW {
             params,
             decay,
             moments,
+            owned,
+            sharded: true,
             cfg,
             steps: 0,
             threads: 1,
@@ -321,6 +350,25 @@ impl AdamW {
 
     pub fn config(&self) -> AdamWConfig {
         self.cfg
+    }
+
+    /// The parameters this process updates (all of them unless sharded).
+    pub fn owned(&self) -> std::ops::Range<usize> {
+        self.owned.clone()
+    }
+
+    /// Whether the state is sharded across ranks (built by [`AdamW::with_owned`]), even if this rank's share is
+    /// everything or nothing.
+    pub fn is_sharded(&self) -> bool {
+        self.sharded
+    }
+
+    /// Bytes of optimizer state held by this process.
+    pub fn state_bytes(&self) -> usize {
+        self.params[self.owned.clone()]
+            .iter()
+            .map(|(_, v)| 8 * v.elem_count())
+            .sum()
     }
 
     /// Checks `grads` against the parameters (count, shape, device) before anything is updated.
@@ -420,6 +468,7 @@ impl AdamW {
     ) -> Result<()> {
         Self::convert_moments(moments, var, fused)?;
         match moments {
+            Moments::Absent => {}
             Moments::Host { m, v } => {
                 let g = g.to_dtype(DType::F32)?.contiguous()?;
                 let op = FusedAdamW {
@@ -463,28 +512,41 @@ impl AdamW {
     }
 
     /// The state as named tensors: `exp_avg.{name}`, `exp_avg_sq.{name}` (f32, on CPU) — saved as
-    /// optimizer.safetensors.
+    /// optimizer.safetensors. Sharded: this process's parameters only.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::with_capacity(2 * self.params.len());
-        for ((name, var), moments) in self.params.iter().zip(&self.moments) {
-            let (m, v) = match moments {
-                Moments::Host { m, v } => (
-                    Tensor::from_slice(m, var.shape(), &Device::Cpu)?,
-                    Tensor::from_slice(v, var.shape(), &Device::Cpu)?,
-                ),
-                Moments::Dev { m, v } => (m.to_device(&Device::Cpu)?, v.to_device(&Device::Cpu)?),
-            };
-            out.insert(format!("exp_avg.{name}"), m);
-            out.insert(format!("exp_avg_sq.{name}"), v);
+        for i in 0..self.params.len() {
+            out.extend(self.param_state(i)?);
         }
         Ok(out)
+    }
+
+    /// The state of parameter `i` as named CPU tensors (as in [`AdamW::state_tensors`]); empty for another rank's.
+    pub fn param_state(&self, i: usize) -> Result<Vec<(String, Tensor)>> {
+        let (name, var) = &self.params[i];
+        let (m, v) = match &self.moments[i] {
+            Moments::Absent => return Ok(Vec::new()),
+            Moments::Host { m, v } => (
+                Tensor::from_slice(m, var.shape(), &Device::Cpu)?,
+                Tensor::from_slice(v, var.shape(), &Device::Cpu)?,
+            ),
+            Moments::Dev { m, v } => (m.to_device(&Device::Cpu)?, v.to_device(&Device::Cpu)?),
+        };
+        Ok(vec![
+            (format!("exp_avg.{name}"), m),
+            (format!("exp_avg_sq.{name}"), v),
+        ])
     }
 
     /// Restores state saved by [`AdamW::state_tensors`] plus the step count; errors name a missing/mis-shaped
     /// entry (and an `exp_avg*` entry for an unknown parameter). Nothing changes on error.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
         let mut new = Vec::with_capacity(self.params.len());
-        for (name, var) in &self.params {
+        for (i, (name, var)) in self.params.iter().enumerate() {
+            if !self.owned.contains(&i) {
+                new.push(Moments::Absent);
+                continue;
+            }
             let get = |key: String| -> Result<Tensor> {
                 let t = tensors.get(&key).ok_or_else(|| {
                     ModelError::Input(format!("optimizer state: entry `{key}` is missing"))
@@ -992,6 +1054,55 @@ mod tests {
         // failed loads change nothing
         assert_eq!(a.steps(), 1);
         assert_eq!(values(&a), before);
+    }
+
+    /// A shard steps exactly like the whole optimizer on its own parameters, leaves the others alone, and keeps
+    /// and saves state only for its own.
+    #[test]
+    fn a_shard_updates_and_keeps_state_for_its_parameters_only() {
+        let (params, grads) = random_setup();
+        let mut whole = AdamW::new(clone_params(&params), cfg()).unwrap();
+        let mut shard = AdamW::with_owned(clone_params(&params), cfg(), 1..3).unwrap();
+        assert!(shard.is_sharded() && !whole.is_sharded());
+        let before = values(&shard);
+        for g in &grads {
+            whole.step(g, 1e-2).unwrap();
+            shard.step(g, 1e-2).unwrap();
+        }
+        let (w, s) = (values(&whole), values(&shard));
+        assert_eq!(
+            s[1..3],
+            w[1..3],
+            "owned parameters step as in the whole optimizer"
+        );
+        assert_eq!(s[0], before[0]);
+        assert_eq!(
+            s[3..],
+            before[3..],
+            "other ranks' parameters are not touched"
+        );
+        let state = shard.state_tensors().unwrap();
+        let mut keys: Vec<&String> = state.keys().collect();
+        keys.sort();
+        let (n1, n2) = (&params[1].0, &params[2].0);
+        assert_eq!(
+            keys,
+            [
+                &format!("exp_avg.{n1}"),
+                &format!("exp_avg.{n2}"),
+                &format!("exp_avg_sq.{n1}"),
+                &format!("exp_avg_sq.{n2}")
+            ]
+        );
+        let owned_elems: usize = params[1..3].iter().map(|(_, v)| v.elem_count()).sum();
+        assert_eq!(shard.state_bytes(), 8 * owned_elems);
+        // Resuming a shard from the whole state takes its part only.
+        let mut again = AdamW::with_owned(clone_params(&params), cfg(), 1..3).unwrap();
+        again
+            .load_state(&whole.state_tensors().unwrap(), whole.steps())
+            .unwrap();
+        assert_eq!(again.state_tensors().unwrap().len(), 4);
+        assert!(AdamW::with_owned(clone_params(&params), cfg(), 2..9).is_err());
     }
 
     #[test]

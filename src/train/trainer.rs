@@ -105,6 +105,11 @@ pub struct TrainConfig {
     /// included (0: wait forever).
     #[arg(long, default_value_t = 1800.0)]
     pub collective_timeout_s: f64,
+    /// Under mpirun/srun: 1 shards AdamW's state (ZeRO stage 1): each rank keeps the moments of 1/N of the
+    /// parameters and updates those, then sends them to the others (one more broadcast of the weights per step;
+    /// checkpoints still hold the whole state). 0: every rank keeps all of it.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub zero_stage: u8,
 }
 
 /// An error of `rrhf train` / `rrhf rank`.
@@ -615,6 +620,12 @@ pub(crate) fn optimizer_step(
         }),
         ScaleOutcome::Step => {
             optimizer.step(&grads, lr)?;
+            if optimizer.is_sharded() {
+                // ZeRO-1: each rank updated its share; every rank needs all of them.
+                let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
+                let ranges = dist::zero::shard_ranges(&sizes, comm.size());
+                dist::zero::broadcast_shards(comm, optimizer.params(), &ranges)?;
+            }
             if let Some(p) = precision {
                 p.sync()?;
             }
@@ -744,7 +755,23 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         .map_err(|e| TrainError::Config(format!("--loss-scale / --loss-scale-window: {e}")))?;
     let (model, mut precision) = Precision::new(&loaded.model, dtype, Some(scaler))?;
     let vars = precision.masters().to_vec();
-    let mut optimizer = AdamW::new(vars.clone(), cfg.optim.adamw())?;
+    let mut optimizer = if cfg.zero_stage == 1 && comm.is_parallel() {
+        let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
+        let ranges = dist::zero::shard_ranges(&sizes, comm.size());
+        let opt = AdamW::with_owned(vars.clone(), cfg.optim.adamw(), ranges[comm.rank()].clone())?;
+        let all: usize = sizes.iter().sum::<usize>() * 8;
+        if comm.is_root() {
+            eprintln!(
+                "ZeRO-1: AdamW state sharded over {} ranks: {:.1} MB on rank 0 instead of {:.1} MB",
+                comm.size(),
+                opt.state_bytes() as f64 / 1e6,
+                all as f64 / 1e6
+            );
+        }
+        opt
+    } else {
+        AdamW::new(vars.clone(), cfg.optim.adamw())?
+    };
     let mut start_step = 0;
     let mut skipped_nonfinite = 0u64;
     if let Some((state, opt)) = &resume_state {
@@ -954,6 +981,21 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
             }
         }
         let save = is_last || cfg.save_every.is_some_and(|k| k > 0 && done % k == 0);
+        // Sharded state comes together on rank 0 first (a collective: every rank takes part).
+        let mut gathered = match save && optimizer.is_sharded() {
+            true => {
+                let params = optimizer.params();
+                let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
+                let ranges = dist::zero::shard_ranges(&sizes, comm.size());
+                let state_of = |i| {
+                    optimizer
+                        .param_state(i)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                };
+                Some(dist::zero::gather_state(comm, params, &ranges, state_of)?)
+            }
+            false => None,
+        };
         if save && comm.is_root() {
             let masters = precision.master_weights(model.weights());
             check_finite_weights(&masters)?;
@@ -980,7 +1022,10 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
                     weights: &masters,
                     tokenizer: &loaded.tokenizer,
                     side: &loaded.side,
-                    optimizer: optimizer.state_tensors()?,
+                    optimizer: match gathered.take() {
+                        Some(state) => state,
+                        None => optimizer.state_tensors()?,
+                    },
                     state: &state,
                     args_json,
                     save_dtype: None,
