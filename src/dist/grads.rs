@@ -11,13 +11,18 @@ const BUCKET: usize = 16 << 20;
 
 /// Consecutive index ranges of `grads` of about [`BUCKET`] elements each; a tensor larger than a bucket goes alone.
 fn buckets(grads: &[Tensor]) -> Vec<Range<usize>> {
+    let sizes: Vec<usize> = grads.iter().map(Tensor::elem_count).collect();
+    runs(&sizes, 0..sizes.len(), BUCKET)
+}
+
+/// Cuts `range` into consecutive runs whose `sizes` add up to at most `limit` (an item larger than that alone).
+pub(super) fn runs(sizes: &[usize], range: Range<usize>, limit: usize) -> Vec<Range<usize>> {
     let mut out = Vec::new();
-    let mut start = 0;
-    while start < grads.len() {
-        let mut end = start;
-        let mut n = 0;
-        while end < grads.len() && (end == start || n + grads[end].elem_count() <= BUCKET) {
-            n += grads[end].elem_count();
+    let mut start = range.start;
+    while start < range.end {
+        let (mut end, mut n) = (start, 0);
+        while end < range.end && (end == start || n + sizes[end] <= limit) {
+            n += sizes[end];
             end += 1;
         }
         out.push(start..end);

@@ -44,18 +44,8 @@ const PIECE: usize = 16 << 20;
 
 /// Consecutive runs of `range` whose parameters hold about [`PIECE`] elements together (a larger one goes alone).
 fn pieces(vars: &[(String, Var)], range: Range<usize>) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = range.start;
-    while start < range.end {
-        let (mut end, mut n) = (start, 0);
-        while end < range.end && (end == start || n + vars[end].1.elem_count() <= PIECE) {
-            n += vars[end].1.elem_count();
-            end += 1;
-        }
-        out.push(start..end);
-        start = end;
-    }
-    out
+    let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
+    super::grads::runs(&sizes, range, PIECE)
 }
 
 /// After every rank updated its share of `vars` (`ranges[r]` for rank r), sends each share from its owner to all
