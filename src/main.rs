@@ -396,10 +396,11 @@ fn main() {
         }
     };
     let comm = rrhf::dist::world();
-    // Commands with a parallel version (data-parallel training, sharded sampling and scoring).
+    // Commands with a parallel version (data-parallel training, sharded sampling and scoring, and IP-n made of
+    // them; `iterate --setting OP` refuses by itself).
     let parallel_ok = matches!(
         cli.command,
-        Command::Train(_) | Command::Sample(_) | Command::Score(_)
+        Command::Train(_) | Command::Sample(_) | Command::Score(_) | Command::Iterate(_)
     );
     let result = match parallel_ok {
         false if comm.is_parallel() => comm

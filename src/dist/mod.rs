@@ -94,9 +94,30 @@ fn epoch() -> Instant {
     *T0.get_or_init(Instant::now)
 }
 
-/// The world this process belongs to: the one [`init`] joined, else a world of one.
+/// The world this process belongs to: the one [`init`] joined, else a world of one (also inside [`alone`]).
 pub fn world() -> &'static Comm {
+    if ALONE.with(|a| a.get()) {
+        static ONE: OnceLock<Comm> = OnceLock::new();
+        return ONE.get_or_init(|| Comm::new(0, 1, false));
+    }
     WORLD.get_or_init(|| Comm::new(0, 1, false))
+}
+
+thread_local! {
+    static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as a world of one on this thread: what it calls shards nothing and waits for no other rank (how rank 0
+/// runs a stage that has no parallel version while the others wait).
+pub fn alone<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ALONE.with(|a| a.set(self.0));
+        }
+    }
+    let _reset = Reset(ALONE.with(|a| a.replace(true)));
+    f()
 }
 
 /// Keeps MPI initialised while alive and finalises it when dropped (hold it in `main` for the whole run).
@@ -410,6 +431,19 @@ impl Comm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alone_is_a_world_of_one_and_restores_the_world() {
+        let outer = world() as *const Comm;
+        let inner = alone(|| {
+            assert!(!world().is_parallel() && world().is_root());
+            // Nested: still alone, and the outer `alone` still ends it.
+            alone(|| assert_eq!(world().size(), 1));
+            world() as *const Comm
+        });
+        assert_eq!(world() as *const Comm, outer);
+        assert_ne!(inner, outer);
+    }
 
     #[test]
     fn a_world_of_one_is_the_identity() {

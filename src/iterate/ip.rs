@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::data::DataError;
+use crate::dist;
 use crate::eval::command::eval;
 use crate::fsutil::write_atomic;
 use crate::sample::command::sample;
@@ -175,18 +176,28 @@ impl Runner {
     ) -> Result<(), IterateError> {
         let label = format!("iter-{}/{stage}", state.iteration);
         if state.is_done(stage) {
-            eprintln!("rrhf iterate: {label} finished in an earlier run; not redone");
+            if dist::world().is_root() {
+                eprintln!("rrhf iterate: {label} finished in an earlier run; not redone");
+            }
             self.skipped += 1;
             return Ok(());
         }
-        eprintln!("rrhf iterate: {label}");
+        let comm = dist::world();
+        if comm.is_root() {
+            eprintln!("rrhf iterate: {label}");
+        }
         let t0 = Instant::now();
         f()?;
         state.done.push(StageDone {
             stage: stage.into(),
             seconds: t0.elapsed().as_secs_f64(),
         });
-        state.save(dir)?;
+        if comm.is_root() {
+            state.save(dir)?;
+        }
+        // Under mpirun the next stage reads what rank 0 wrote (the merged samples and scores, the trained model):
+        // no rank goes on before it is there.
+        comm.barrier("the end of an rrhf iterate stage");
         self.run += 1;
         stop_hook(&label)
     }
@@ -249,10 +260,14 @@ fn train_stage(
     Ok(())
 }
 
-/// Eval stage of iteration `i` on `model` into `iter-i/eval`.
+/// Eval stage of iteration `i` on `model` into `iter-i/eval` (rank 0 alone under mpirun: `rrhf eval` is not
+/// parallel; the others wait at the stage's end).
 fn eval_stage(cfg: &IterateConfig, i: usize, dir: &Path, model: &Path) -> Result<(), IterateError> {
+    if !dist::world().is_root() {
+        return Ok(());
+    }
     let ec = cfg.eval_config(model, dir.join("eval"));
-    eval(&ec).map_err(stage_err(format!("iteration {i}"), "eval"))?;
+    dist::alone(|| eval(&ec)).map_err(stage_err(format!("iteration {i}"), "eval"))?;
     Ok(())
 }
 
@@ -292,7 +307,12 @@ pub fn run_ip(cfg: &IterateConfig) -> Result<IpSummary, IterateError> {
             cause: Box::new(source),
         })?;
     std::fs::create_dir_all(&cfg.output).map_err(|e| DataError::io(&cfg.output, e))?;
-    check_args(cfg)?;
+    // Under mpirun: rank 0 checks and writes args.json (a refusal there ends the job on every rank).
+    let comm = dist::world();
+    if comm.is_root() {
+        check_args(cfg)?;
+    }
+    comm.barrier("the start of rrhf iterate");
 
     let mut runner = Runner::default();
     let initial = cfg.model.model.clone();
@@ -304,7 +324,12 @@ pub fn run_ip(cfg: &IterateConfig) -> Result<IpSummary, IterateError> {
     })?;
     let mut timings = vec![(0, state0.done.clone())];
 
-    let mut rows = vec![IterRow::read(&dir0, 0, &initial, None)?];
+    // Rows and the report come from rank 0's evaluations.
+    let root = comm.is_root();
+    let mut rows = Vec::new();
+    if root {
+        rows.push(IterRow::read(&dir0, 0, &initial, None)?);
+    }
     let mut model = initial;
     for i in 1..=iterations {
         let dir = iter_dir(&cfg.output, i);
@@ -321,16 +346,21 @@ pub fn run_ip(cfg: &IterateConfig) -> Result<IpSummary, IterateError> {
         runner.stage(&dir, &mut state, "eval", || {
             eval_stage(cfg, i, &dir, &trained)
         })?;
-        rows.push(IterRow::read(
-            &dir,
-            i,
-            &trained,
-            Some(&dir.join("scores.jsonl")),
-        )?);
+        if root {
+            rows.push(IterRow::read(
+                &dir,
+                i,
+                &trained,
+                Some(&dir.join("scores.jsonl")),
+            )?);
+        }
         timings.push((i, state.done.clone()));
         model = trained;
     }
-    let markdown = write_ip_report(cfg, &rows)?;
+    let markdown = match root {
+        true => write_ip_report(cfg, &rows)?,
+        false => String::new(),
+    };
     Ok(IpSummary {
         stages_run: runner.run,
         stages_skipped: runner.skipped,

@@ -217,6 +217,9 @@ pub fn run_cli(cfg: &IterateConfig) -> Result<(), IterateError> {
     match cfg.setting {
         IterSetting::Ip => {
             let s = ip::run_ip(cfg)?;
+            if !crate::dist::world().is_root() {
+                return Ok(());
+            }
             print!("{}", s.markdown);
             for (i, done) in &s.timings {
                 let stages: Vec<String> = done
@@ -234,6 +237,10 @@ pub fn run_cli(cfg: &IterateConfig) -> Result<(), IterateError> {
             );
         }
         IterSetting::Op => {
+            // OP samples inside its training loop, on one process.
+            crate::dist::world()
+                .require_single("iterate --setting OP")
+                .map_err(|e| IterateError::Config(e.to_string()))?;
             let s = op::run_op(cfg)?;
             let kl = s
                 .last_kl

@@ -570,3 +570,110 @@ fn zero_stage_1_shards_the_optimizer_state_and_trains_bit_identically() {
         "weights after resuming",
     );
 }
+
+/// `mpirun -np 2 rrhf iterate --setting IP`: sample and score sharded, train data parallel, eval on rank 0 — the
+/// same samples and scores byte for byte, and the same trained model and report, as one process with twice the
+/// gradient accumulation. OP refuses to run under a launcher.
+#[test]
+fn ip_iterate_under_two_ranks_equals_one_process() {
+    let Some(_) = mpirun(2) else { return };
+    let tmp = temp_dir();
+    let fixtures = crate::common::fixtures();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let args = |out: &Path, accum: &str| -> Vec<String> {
+        let model = fixtures.join("models/llama");
+        let prompts = root.join("examples/tiny/prompts.jsonl");
+        [
+            "iterate",
+            "--setting",
+            "IP",
+            "--iterations",
+            "1",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--reward",
+            "vader",
+            "--output",
+            out.to_str().unwrap(),
+            "--strategy",
+            "beam",
+            "--num-responses",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--max-len",
+            "128",
+            "--lr",
+            "1e-3",
+            "--epochs",
+            "1",
+            "--batch-queries",
+            "1",
+            "--batch-prompts",
+            "2",
+            "--grad-accum",
+            accum,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (one, two) = (tmp.join("one"), tmp.join("two"));
+    let mut single = bin();
+    single.args(args(&one, "2"));
+    let (out, _) = run_within(&mut single, Duration::from_secs(300));
+    ok(&out);
+    let mut ranks = bin();
+    ranks.args(args(&two, "1"));
+    let (out, _) = run_within(
+        &mut under(mpirun(2).unwrap(), &ranks, &[]),
+        Duration::from_secs(300),
+    );
+    ok(&out);
+    for f in ["iter-1/samples.jsonl", "iter-1/scores.jsonl"] {
+        assert!(
+            std::fs::read(one.join(f)).unwrap() == std::fs::read(two.join(f)).unwrap(),
+            "{f} differs between one process and two ranks"
+        );
+    }
+    let (wa, wb) = (
+        weights(&one.join("iter-1/model/model.safetensors")),
+        weights(&two.join("iter-1/model/model.safetensors")),
+    );
+    for (name, t) in &wa {
+        let e = rel_err(&wb[name], t);
+        assert!(e <= 1e-5, "{name}: relative difference {e:e}");
+    }
+    let rewards = |dir: &Path| -> Vec<f64> {
+        let r: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap())
+                .unwrap();
+        r["rows"]
+            .as_array()
+            .unwrap_or_else(|| panic!("report.json: {r}"))
+            .iter()
+            .map(|row| row["eval"]["reward_mean"].as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
+    let (ra, rb) = (rewards(&one), rewards(&two));
+    assert_eq!(ra.len(), 2, "iterations 0 and 1 in the report");
+    for (a, b) in ra.iter().zip(&rb) {
+        assert!(
+            (a - b).abs() <= 1e-6,
+            "held-out reward {b} with 2 ranks, {a} with one"
+        );
+    }
+
+    let mut op = bin();
+    op.args(args(&tmp.join("op"), "1"))
+        .args(["--setting", "OP", "--resample-every", "2"]);
+    let (out, _) = run_within(
+        &mut under(mpirun(2).unwrap(), &op, &[]),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not run in parallel"), "{err}");
+}
