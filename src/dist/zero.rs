@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::Comm;
 
@@ -132,7 +132,25 @@ pub fn gather_state(
 }
 
 fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    crate::model::save::tensor_le_bytes(t).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    let t = t.flatten_all()?.to_device(&Device::Cpu)?;
+    Ok(match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        other => candle_core::bail!("ZeRO-1: parameters of dtype {other:?} are not supported"),
+    })
 }
 
 #[cfg(test)]

@@ -153,17 +153,6 @@ pub fn safetensors_bytes(
     Ok(out)
 }
 
-/// The little-endian bytes of `t`'s elements in row-major order (any device; as in a safetensors file).
-pub fn tensor_le_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let flat = t.flatten_all()?.to_device(&candle_core::Device::Cpu)?;
-    let mut out = Vec::with_capacity(flat.elem_count() * flat.dtype().size_in_bytes());
-    write_tensor_data(&mut out, &flat).map_err(|e| match e {
-        WriteError::Io(e) => ModelError::Input(e.to_string()),
-        WriteError::Candle(e) => ModelError::Candle(e),
-    })?;
-    Ok(out)
-}
-
 enum WriteError {
     Io(std::io::Error),
     Candle(candle_core::Error),
