@@ -67,8 +67,8 @@ pub struct AdamW {
     moments: Vec<Moments>,
     /// The parameters this process updates and keeps state for (all of them unless sharded).
     owned: std::ops::Range<usize>,
-    /// Built by [`AdamW::with_owned`]: the other parameters' updates come from other ranks.
-    sharded: bool,
+    /// Every rank's share when sharded ([`AdamW::sharded`]; this one's is `owned`), else empty.
+    shards: Vec<std::ops::Range<usize>>,
     cfg: AdamWConfig,
     steps: u64,
     threads: usize,
@@ -261,17 +261,29 @@ impl InplaceOp2 for FusedAdamW<'_> {
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         let all = 0..params.len();
-        let mut opt = Self::with_owned(params, cfg, all)?;
-        opt.sharded = false;
-        Ok(opt)
+        Self::build(params, cfg, all, Vec::new())
     }
 
-    /// AdamW that keeps state for and updates only `params[owned]` (optimizer-state sharding: the other
-    /// parameters are some other rank's, whose updated values arrive by broadcast).
-    pub fn with_owned(
+    /// AdamW of rank `rank` under optimizer-state sharding: it keeps state for and updates only
+    /// `params[shards[rank]]`; the other parameters are other ranks' shares, whose updated values arrive by
+    /// broadcast.
+    pub fn sharded(
+        params: Vec<(String, Var)>,
+        cfg: AdamWConfig,
+        shards: Vec<std::ops::Range<usize>>,
+        rank: usize,
+    ) -> Result<Self> {
+        let owned = shards.get(rank).cloned().ok_or_else(|| {
+            ModelError::Input(format!("AdamW: rank {rank} of {} shards", shards.len()))
+        })?;
+        Self::build(params, cfg, owned, shards)
+    }
+
+    fn build(
         params: Vec<(String, Var)>,
         cfg: AdamWConfig,
         owned: std::ops::Range<usize>,
+        shards: Vec<std::ops::Range<usize>>,
     ) -> Result<Self> {
         if owned.end > params.len() || owned.start > owned.end {
             return Err(ModelError::Input(format!(
@@ -325,7 +337,7 @@ impl AdamW {
             decay,
             moments,
             owned,
-            sharded: true,
+            shards,
             cfg,
             steps: 0,
             threads: 1,
@@ -352,15 +364,15 @@ impl AdamW {
         self.cfg
     }
 
-    /// The parameters this process updates (all of them unless sharded).
-    pub fn owned(&self) -> std::ops::Range<usize> {
-        self.owned.clone()
-    }
-
-    /// Whether the state is sharded across ranks (built by [`AdamW::with_owned`]), even if this rank's share is
+    /// Whether the state is sharded across ranks (built by [`AdamW::sharded`]), even if this rank's share is
     /// everything or nothing.
     pub fn is_sharded(&self) -> bool {
-        self.sharded
+        !self.shards.is_empty()
+    }
+
+    /// Every rank's share of the parameters when sharded (empty otherwise).
+    pub fn shards(&self) -> &[std::ops::Range<usize>] {
+        &self.shards
     }
 
     /// Bytes of optimizer state held by this process.
@@ -1062,7 +1074,9 @@ mod tests {
     fn a_shard_updates_and_keeps_state_for_its_parameters_only() {
         let (params, grads) = random_setup();
         let mut whole = AdamW::new(clone_params(&params), cfg()).unwrap();
-        let mut shard = AdamW::with_owned(clone_params(&params), cfg(), 1..3).unwrap();
+        let n = params.len();
+        let shards = || vec![0..1, 1..3, 3..n];
+        let mut shard = AdamW::sharded(clone_params(&params), cfg(), shards(), 1).unwrap();
         assert!(shard.is_sharded() && !whole.is_sharded());
         let before = values(&shard);
         for g in &grads {
@@ -1097,12 +1111,12 @@ mod tests {
         let owned_elems: usize = params[1..3].iter().map(|(_, v)| v.elem_count()).sum();
         assert_eq!(shard.state_bytes(), 8 * owned_elems);
         // Resuming a shard from the whole state takes its part only.
-        let mut again = AdamW::with_owned(clone_params(&params), cfg(), 1..3).unwrap();
+        let mut again = AdamW::sharded(clone_params(&params), cfg(), shards(), 1).unwrap();
         again
             .load_state(&whole.state_tensors().unwrap(), whole.steps())
             .unwrap();
         assert_eq!(again.state_tensors().unwrap().len(), 4);
-        assert!(AdamW::with_owned(clone_params(&params), cfg(), 2..9).is_err());
+        assert!(AdamW::sharded(clone_params(&params), cfg(), vec![0..2, 2..9], 1).is_err());
     }
 
     #[test]

@@ -622,9 +622,7 @@ pub(crate) fn optimizer_step(
             optimizer.step(&grads, lr)?;
             if optimizer.is_sharded() {
                 // ZeRO-1: each rank updated its share; every rank needs all of them.
-                let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
-                let ranges = dist::zero::shard_ranges(&sizes, comm.size());
-                dist::zero::broadcast_shards(comm, optimizer.params(), &ranges)?;
+                dist::zero::broadcast_shards(comm, optimizer.params(), optimizer.shards())?;
             }
             if let Some(p) = precision {
                 p.sync()?;
@@ -758,7 +756,7 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
     let mut optimizer = if cfg.zero_stage == 1 && comm.is_parallel() {
         let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
         let ranges = dist::zero::shard_ranges(&sizes, comm.size());
-        let opt = AdamW::with_owned(vars.clone(), cfg.optim.adamw(), ranges[comm.rank()].clone())?;
+        let opt = AdamW::sharded(vars.clone(), cfg.optim.adamw(), ranges, comm.rank())?;
         let all: usize = sizes.iter().sum::<usize>() * 8;
         if comm.is_root() {
             eprintln!(
@@ -984,15 +982,13 @@ pub fn train(cfg: &TrainConfig, args_json: &Value) -> Result<TrainSummary, Train
         // Sharded state comes together on rank 0 first (a collective: every rank takes part).
         let mut gathered = match save && optimizer.is_sharded() {
             true => {
-                let params = optimizer.params();
-                let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
-                let ranges = dist::zero::shard_ranges(&sizes, comm.size());
                 let state_of = |i| {
                     optimizer
                         .param_state(i)
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))
                 };
-                Some(dist::zero::gather_state(comm, params, &ranges, state_of)?)
+                let (params, shards) = (optimizer.params(), optimizer.shards());
+                Some(dist::zero::gather_state(comm, params, shards, state_of)?)
             }
             false => None,
         };
